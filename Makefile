@@ -1,0 +1,39 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` runs the test suite.
+# Both create the virtual environment at .venv and install what is missing first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test bench clean
+
+setup: $(STAMP) data
+
+# torch==2.13.0 first: it is the CPU wheel these machines carry; anything else would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The embedded default dataset (Debian package dataset-fashion-mnist).
+data: $(FMNIST)
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(BIN)/python -m mmjax train --config experiments/fashion_mnist_vit.py --workdir $(WORKDIR)
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS) tests
+
+bench: setup
+	$(BIN)/python experiments/bench_attention.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
