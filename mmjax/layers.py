@@ -1,0 +1,506 @@
+"""Shared transformer building blocks: activations, MLP, pre-LN encoder block and encoder stack, position embeddings.
+
+These are used by the image tower (:mod:`mmjax.vit`), the text tower and CLIP, so every option a known checkpoint
+needs is a field here rather than a fork of the block.
+
+Parameter names (what a converter maps to)::
+
+    Encoder                         (depth blocks; optional final LayerNorm)
+      encoderblock_{i}/             one per layer when ``scan=False``
+      encoderblock/                 all layers stacked on a leading axis of size ``depth`` when ``scan=True``
+        ln1/{scale,bias}            LayerNorm before attention
+        attn/{query,key,value}/     DenseGeneral, kernel [width, heads, head_dim], bias [heads, head_dim]
+        attn/out/                   DenseGeneral, kernel [heads, head_dim, width], bias [width]
+        ln2/{scale,bias}            LayerNorm before the MLP
+        mlp/fc1/{kernel,bias}       Dense width -> mlp_dim
+        mlp/fc2/{kernel,bias}       Dense mlp_dim -> width
+      encoder_norm/{scale,bias}     final LayerNorm (``final_norm=True``)
+
+Parameters are float32 by default (``param_dtype``); ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.attention import MultiHeadAttention
+
+Dtype = Any
+Array = jax.Array
+
+__all__ = [
+    "ACTIVATIONS",
+    "get_activation",
+    "drop_path",
+    "Mlp",
+    "EncoderBlock",
+    "Encoder",
+    "posemb_sincos_2d",
+    "LearnedPositionEmbedding",
+    "stack_layers",
+    "unstack_layers",
+]
+
+
+def _quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": _gelu_exact,  # x * Phi(x), exact erf form (PyTorch / Hugging Face "gelu")
+    "gelu_tanh": _gelu_tanh,  # tanh approximation (flax nn.gelu default, HF "gelu_new"/"gelu_pytorch_tanh")
+    "quick_gelu": _quick_gelu,  # x * sigmoid(1.702 x) (OpenAI CLIP)
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # = swish, x * sigmoid(x)
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Returns the elementwise activation function called ``name``.
+
+    Valid names: ``gelu`` (exact, ``x * Phi(x)`` with the normal CDF ``Phi``), ``gelu_tanh``
+    (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``), ``quick_gelu`` (``x * sigmoid(1.702 x)``), ``relu``,
+    ``silu`` (``x * sigmoid(x)``), ``tanh``, ``sigmoid``, ``identity``.
+
+    Args:
+      name: one of the names above.
+
+    Returns:
+      A function mapping an array to an array of the same shape and dtype.
+
+    Raises:
+      ValueError: if ``name`` is not a known activation (the message lists the valid names).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(get_activation("relu")(jnp.array(-2.0)))
+      0.0
+    """
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(
+            f"activation={name!r} is not a known activation; expected one of {sorted(ACTIVATIONS)}."
+        )
+    return ACTIVATIONS[name]
+
+
+def drop_path(x: Array, rate: float | Array, rng: Array) -> Array:
+    """Stochastic depth: zeroes whole examples of a residual branch with probability ``rate``.
+
+    ``y[b] = x[b] * m[b] / (1 - rate)`` with ``m[b] ~ Bernoulli(1 - rate)``, one draw per example (leading axis),
+    so the expectation of ``y`` equals ``x``. ``rate`` may be a traced scalar (used under ``nn.scan``).
+
+    Args:
+      x: array ``[batch, ...]``, the output of a residual branch.
+      rate: drop probability in ``[0, 1)``.
+      rng: a PRNG key.
+
+    Returns:
+      Array of the shape and dtype of ``x``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> drop_path(jnp.ones((4, 3)), 0.0, jax.random.key(0)).tolist()[0]
+      [1.0, 1.0, 1.0]
+    """
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(rng, keep, mask_shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward block: ``fc2(dropout(act(fc1(x))))``.
+
+    Attributes:
+      hidden_dim: width of the hidden layer (``mlp_dim``).
+      out_dim: output width; ``None`` keeps the input width.
+      activation: activation name, see :func:`get_activation`.
+      dropout_rate: dropout after the activation (active when ``deterministic=False``; rng ``'dropout'``).
+      use_bias: whether ``fc1``/``fc2`` have biases.
+      dtype: compute dtype (``None``: from the inputs).
+      param_dtype: parameter dtype.
+      kernel_init, bias_init: initialisers of the two Dense layers.
+
+    Input ``[..., d]`` -> output ``[..., out_dim or d]``. Parameters ``fc1/{kernel,bias}``, ``fc2/{kernel,bias}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mlp = Mlp(hidden_dim=8)
+      >>> params = mlp.init(jax.random.key(0), jnp.ones((2, 4)))["params"]
+      >>> mlp.apply({"params": params}, jnp.ones((2, 4))).shape
+      (2, 4)
+    """
+
+    hidden_dim: int
+    out_dim: int | None = None
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        act = get_activation(self.activation)
+        out_dim = x.shape[-1] if self.out_dim is None else self.out_dim
+        dense = lambda feat, name: nn.Dense(  # noqa: E731
+            feat,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            name=name,
+        )
+        x = dense(self.hidden_dim, "fc1")(x)
+        x = act(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return dense(out_dim, "fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block (ViT / CLIP / GPT-2 style).
+
+    ``x = x + drop_path(dropout(attn(ln1(x))))`` then ``x = x + drop_path(dropout(mlp(ln2(x))))``.
+
+    Attributes:
+      num_heads: attention heads; the width must be divisible by it.
+      mlp_dim: hidden width of the MLP.
+      activation: MLP activation name (``gelu``, ``gelu_tanh``, ``quick_gelu``, ...).
+      layer_norm_eps: LayerNorm epsilon (1e-6 big_vision/timm, 1e-5 CLIP/PyTorch, 1e-12 HF ViT).
+      dropout_rate: dropout on both residual branches and inside the MLP.
+      attention_dropout_rate: dropout on the attention probabilities.
+      drop_path_rate: stochastic-depth probability of this block (see :func:`drop_path`).
+      num_kv_heads: key/value heads for grouped-query attention (``None``: ``num_heads``).
+      attention_bias: biases in the four attention projections (query, key, value, out).
+      attention_implementation: passed to :class:`mmjax.attention.MultiHeadAttention` (``None``: default).
+      dtype: compute dtype; param_dtype: parameter dtype.
+
+    Call: ``block(x, mask=None, is_causal=False, deterministic=True)`` with ``x`` ``[batch, tokens, width]``;
+    ``mask`` bool, True = attend, broadcastable to ``[batch, heads, tokens, tokens]``. Returns ``[batch, tokens,
+    width]``. Submodules ``ln1``, ``attn``, ``ln2``, ``mlp``. Dropout and drop-path use the rng ``'dropout'``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> block = EncoderBlock(num_heads=2, mlp_dim=16)
+      >>> x = jnp.ones((1, 3, 8))
+      >>> params = block.init(jax.random.key(0), x)["params"]
+      >>> block.apply({"params": params}, x, is_causal=True).shape
+      (1, 3, 8)
+    """
+
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    num_kv_heads: int | None = None
+    attention_bias: bool = True
+    attention_implementation: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __call__(
+        self, x: Array, mask: Array | None = None, is_causal: bool = False, deterministic: bool = True
+    ) -> Array:
+        return self._block(x, mask, is_causal, deterministic, self.drop_path_rate, self.drop_path_rate > 0)
+
+    @nn.compact
+    def _block(self, x, mask, is_causal, deterministic, rate, use_drop_path):
+        if x.ndim != 3:
+            raise ValueError(
+                f"EncoderBlock: x must be [batch, tokens, width], got shape {x.shape}; reshape the inputs."
+            )
+        if x.shape[-1] % self.num_heads:
+            raise ValueError(
+                f"EncoderBlock: width {x.shape[-1]} (last axis of x) is not divisible by num_heads={self.num_heads}."
+            )
+        get_activation(self.activation)  # validate the name early
+        stochastic = use_drop_path and not deterministic
+
+        def residual(branch):
+            branch = nn.Dropout(self.dropout_rate)(branch, deterministic=deterministic)
+            if stochastic:
+                branch = drop_path(branch, rate, self.make_rng("dropout"))
+            return branch
+
+        ln = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        y = ln("ln1")(x)
+        y = MultiHeadAttention(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            use_bias=self.attention_bias,
+            dropout_rate=self.attention_dropout_rate,
+            implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+        )(y, mask=mask, is_causal=is_causal, deterministic=deterministic)
+        x = x + residual(y)
+        y = ln("ln2")(x)
+        y = Mlp(
+            hidden_dim=self.mlp_dim,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(y, deterministic=deterministic)
+        return x + residual(y)
+
+
+class _StaticBlock(EncoderBlock):
+    """EncoderBlock with the static flags as fields, for ``nn.remat``/``nn.scan``: ``(x, rate, mask) -> (x, None)``."""
+
+    static_is_causal: bool = False
+    static_deterministic: bool = True
+    use_drop_path: bool = False
+
+    def __call__(self, x, rate, mask):  # type: ignore[override]
+        y = self._block(x, mask, self.static_is_causal, self.static_deterministic, rate, self.use_drop_path)
+        return y, None
+
+
+class Encoder(nn.Module):
+    """A stack of ``depth`` pre-LN :class:`EncoderBlock` s with an optional final LayerNorm.
+
+    The stochastic-depth rate grows linearly over the layers: block ``i`` drops with
+    ``drop_path_rate * i / (depth - 1)`` (0 for the first block, ``drop_path_rate`` for the last).
+
+    Attributes:
+      depth: number of blocks.
+      num_heads, mlp_dim, activation, layer_norm_eps, dropout_rate, attention_dropout_rate, num_kv_heads,
+        attention_bias, attention_implementation, dtype, param_dtype: as in :class:`EncoderBlock`.
+      drop_path_rate: stochastic-depth rate of the last block.
+      remat: recompute each block's activations in the backward pass (``nn.remat``): less memory, more compute.
+      scan: run the blocks with ``nn.scan``: parameters stacked on a leading axis of size ``depth`` under
+        ``encoderblock/`` (faster compile for deep models; no per-block intermediates).
+      final_norm: apply the LayerNorm ``encoder_norm`` to the output.
+
+    Call: ``encoder(x, mask=None, is_causal=False, deterministic=True)`` with ``x`` ``[batch, tokens, width]``;
+    returns ``(y, intermediates)`` where ``y`` is ``[batch, tokens, width]`` and ``intermediates`` maps
+    ``"encoderblock_{i}"`` to the output of block ``i`` (empty when ``scan=True``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> enc = Encoder(depth=2, num_heads=2, mlp_dim=16)
+      >>> x = jnp.ones((1, 3, 8))
+      >>> params = enc.init(jax.random.key(0), x)["params"]
+      >>> y, aux = enc.apply({"params": params}, x)
+      >>> y.shape, sorted(aux)
+      ((1, 3, 8), ['encoderblock_0', 'encoderblock_1'])
+    """
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    num_kv_heads: int | None = None
+    attention_bias: bool = True
+    attention_implementation: str | None = None
+    remat: bool = False
+    scan: bool = False
+    final_norm: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def drop_path_rates(self) -> np.ndarray:
+        """The per-block stochastic-depth rates, ``[depth]`` float32, linear from 0 to ``drop_path_rate``."""
+        if self.depth == 1:
+            return np.full((1,), self.drop_path_rate, np.float32)
+        return np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+
+    @nn.compact
+    def __call__(
+        self, x: Array, mask: Array | None = None, is_causal: bool = False, deterministic: bool = True
+    ) -> tuple[Array, dict[str, Array]]:
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"Encoder: depth must be a positive int, got depth={self.depth!r}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"Encoder: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
+        rates = self.drop_path_rates()
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            num_kv_heads=self.num_kv_heads,
+            attention_bias=self.attention_bias,
+            attention_implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            static_is_causal=is_causal,
+            static_deterministic=deterministic,
+            use_drop_path=self.drop_path_rate > 0,
+        )
+        block_cls = _StaticBlock
+        if self.remat:
+            block_cls = nn.remat(block_cls, prevent_cse=not self.scan)
+        intermediates: dict[str, Array] = {}
+        if self.scan:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast),
+                length=self.depth,
+            )
+            x, _ = scanned(**block_kwargs, name="encoderblock")(x, jnp.asarray(rates), mask)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(**block_kwargs, name=f"encoderblock_{i}")(x, float(rates[i]), mask)
+                intermediates[f"encoderblock_{i}"] = x
+        if self.final_norm:
+            x = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder_norm"
+            )(x)
+        return x, intermediates
+
+
+def posemb_sincos_2d(
+    height: int, width: int, dim: int, temperature: float = 10_000.0, dtype: Dtype = jnp.float32
+) -> Array:
+    """Fixed 2-D sine-cosine position embedding (MoCo v3; big_vision ``posemb_sincos_2d``).
+
+    For grid position ``(r, c)`` (row-major token order) and ``k = 0 .. dim/4 - 1`` with
+    ``omega_k = temperature ** (-k / (dim/4 - 1))``, the embedding is the concatenation
+    ``[sin(c omega), cos(c omega), sin(r omega), cos(r omega)]``.
+
+    Args:
+      height, width: the patch grid (tokens = ``height * width``).
+      dim: embedding width, divisible by 4 (and at least 8).
+      temperature: the base of the frequencies.
+      dtype: output dtype.
+
+    Returns:
+      Array ``[1, height * width, dim]``.
+
+    Raises:
+      ValueError: if ``dim`` is not a multiple of 4 or smaller than 8.
+
+    Example:
+      >>> posemb_sincos_2d(2, 3, 8).shape
+      (1, 6, 8)
+    """
+    if dim % 4 or dim < 8:
+        raise ValueError(
+            f"posemb_sincos_2d: dim must be a multiple of 4 and >= 8, got dim={dim}; use a learned posemb instead."
+        )
+    quarter = dim // 4
+    omega = 1.0 / (temperature ** (np.arange(quarter, dtype=np.float64) / (quarter - 1)))
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    angle_r = rows.reshape(-1, 1) * omega[None, :]
+    angle_c = cols.reshape(-1, 1) * omega[None, :]
+    pe = np.concatenate([np.sin(angle_c), np.cos(angle_c), np.sin(angle_r), np.cos(angle_r)], axis=1)
+    return jnp.asarray(pe[None], dtype)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """Adds a learned position embedding ``pos_embedding`` of shape ``[1, tokens, width]`` to ``x``.
+
+    Attributes:
+      stddev: initialiser standard deviation (normal).
+      param_dtype: parameter dtype.
+
+    Input ``[batch, tokens, width]`` -> same shape. The parameter's shape is fixed at ``init``; applying to a
+    different number of tokens raises a ValueError.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> pe = LearnedPositionEmbedding()
+      >>> params = pe.init(jax.random.key(0), jnp.zeros((2, 5, 4)))["params"]
+      >>> params["pos_embedding"].shape
+      (1, 5, 4)
+    """
+
+    stddev: float = 0.02
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (1,) + tuple(x.shape[1:])
+        if self.has_variable("params", "pos_embedding"):
+            have = self.get_variable("params", "pos_embedding").shape
+            if tuple(have) != shape:
+                raise ValueError(
+                    f"LearnedPositionEmbedding: the inputs have {x.shape[1]} tokens of width {x.shape[2]} but "
+                    f"pos_embedding has shape {tuple(have)}; use the image/sequence size the parameters were made for."
+                )
+        pe = self.param("pos_embedding", nn.initializers.normal(self.stddev), shape, self.param_dtype)
+        return x + pe.astype(x.dtype)
+
+
+def stack_layers(params: dict[str, Any], depth: int, prefix: str = "encoderblock") -> dict[str, Any]:
+    """Turns per-layer parameters ``{prefix}_{i}`` into the stacked ``{prefix}`` tree that ``Encoder(scan=True)``
+    uses (every leaf gets a leading axis of size ``depth``). Other entries (e.g. ``encoder_norm``) are kept.
+
+    Args:
+      params: the ``Encoder``'s parameter dict with ``scan=False``.
+      depth: number of layers.
+      prefix: layer name prefix.
+
+    Returns:
+      The ``scan=True`` parameter dict.
+
+    Raises:
+      ValueError: if a layer ``{prefix}_{i}`` for ``i < depth`` is missing.
+
+    Example:
+      >>> import numpy as np
+      >>> p = {"encoderblock_0": {"w": np.zeros(2)}, "encoderblock_1": {"w": np.ones(2)}}
+      >>> stack_layers(p, 2)["encoderblock"]["w"].shape
+      (2, 2)
+    """
+    names = [f"{prefix}_{i}" for i in range(depth)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"stack_layers: missing layers {missing} (have {sorted(params)}); check depth={depth}.")
+    out = {k: v for k, v in params.items() if k not in names}
+    out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+def unstack_layers(params: dict[str, Any], prefix: str = "encoderblock") -> dict[str, Any]:
+    """Inverse of :func:`stack_layers`: splits the stacked ``{prefix}`` tree into ``{prefix}_{i}`` entries.
+
+    Example:
+      >>> import numpy as np
+      >>> sorted(unstack_layers({"encoderblock": {"w": np.zeros((3, 2))}}))
+      ['encoderblock_0', 'encoderblock_1', 'encoderblock_2']
+    """
+    if prefix not in params:
+        raise ValueError(f"unstack_layers: no stacked entry {prefix!r} in {sorted(params)}.")
+    depth = jax.tree.leaves(params[prefix])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != prefix}
+    for i in range(depth):
+        out[f"{prefix}_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[prefix])
+    return out

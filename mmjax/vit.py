@@ -1,0 +1,387 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"), with the options that published
+checkpoints need (big_vision, Hugging Face ViT, OpenAI CLIP's image tower).
+
+Parameter tree of :class:`ViT` (names a converter maps to)::
+
+    embedding/{kernel,bias}   patch embedding, nn.Conv kernel [patch, patch, channels, width] (bias if patch_bias)
+    cls                       class token [1, 1, width]                       (class_token=True)
+    pos_embedding             learned position embedding [1, tokens, width]   (posemb="learn"; tokens include the
+                                                                               class token when cls_posemb=True)
+    pre_norm/{scale,bias}     LayerNorm before the encoder                    (pre_norm=True, CLIP's pre_layrnorm)
+    encoder/                  mmjax.layers.Encoder: encoderblock_{i}/ (or stacked encoderblock/ when scan=True),
+                              encoder_norm/ (final_norm="sequence")
+    map_head/                 probe [1, 1, width], attn/, ln/, mlp/           (pool_type="map")
+    post_norm/{scale,bias}    LayerNorm of the pooled vector                  (final_norm="pooled", CLIP)
+    pre_logits/{kernel,bias}  representation layer Dense + tanh               (representation_size, HF's pooler)
+    head/{kernel,bias}        classifier                                      (num_classes > 0)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.attention import MultiHeadAttention
+from mmjax.layers import Encoder, Mlp, get_activation, posemb_sincos_2d
+
+Dtype = Any
+Array = jax.Array
+
+__all__ = ["VARIANTS", "decode_variant", "MAPHead", "ViT"]
+
+# name: (width, depth, mlp_dim, num_heads), as in big_vision's decode_variant.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+_POOL_TYPES = ("token", "gap", "map")
+_FINAL_NORMS = ("sequence", "pooled", "none")
+_POSEMBS = ("learn", "sincos2d")
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """Turns a variant string such as ``"B/16"`` into model sizes.
+
+    ``"<name>/<patch>"`` or ``"<name>"`` with name in ``mu, Ti, S, M, B, L, H`` (big_vision's table).
+
+    Args:
+      variant: the variant string.
+
+    Returns:
+      dict with ``width``, ``depth``, ``mlp_dim``, ``num_heads`` and, when given, ``patch_size``.
+
+    Raises:
+      ValueError: for an unknown name or a malformed patch size.
+
+    Example:
+      >>> decode_variant("B/16")
+      {'width': 768, 'depth': 12, 'mlp_dim': 3072, 'num_heads': 12, 'patch_size': 16}
+    """
+    match = re.fullmatch(r"([A-Za-z]+)(?:/(\d+))?", variant) if isinstance(variant, str) else None
+    if match is None or match.group(1) not in VARIANTS:
+        raise ValueError(
+            f"variant={variant!r} is not a ViT variant; expected '<name>' or '<name>/<patch>' with name in "
+            f"{list(VARIANTS)} (e.g. 'B/16', 'Ti/4'), or pass width/depth/num_heads/mlp_dim/patch_size explicitly."
+        )
+    width, depth, mlp_dim, num_heads = VARIANTS[match.group(1)]
+    out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if match.group(2) is not None:
+        patch = int(match.group(2))
+        if patch < 1:
+            raise ValueError(f"variant={variant!r}: the patch size must be a positive integer.")
+        out["patch_size"] = patch
+    return out
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision MAPHead): a learned probe attends over the tokens, then a residual MLP.
+
+    ``p = attn(probe, x)``; ``y = p + mlp(ln(p))``; returns ``y[:, 0]``.
+
+    Attributes:
+      num_heads: attention heads. mlp_dim: MLP hidden width (``None``: 4 x width).
+      activation, layer_norm_eps, dtype, param_dtype, attention_implementation: as in :class:`mmjax.layers.Mlp` /
+        :class:`mmjax.layers.EncoderBlock`.
+
+    Input ``[batch, tokens, width]`` -> ``[batch, width]``. Parameters ``probe`` [1, 1, width], ``attn``, ``ln``,
+    ``mlp``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> head = MAPHead(num_heads=2)
+      >>> x = jnp.ones((3, 5, 8))
+      >>> head.apply(head.init(jax.random.key(0), x), x).shape
+      (3, 8)
+    """
+
+    num_heads: int
+    mlp_dim: int | None = None
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_implementation: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, _, width = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
+        probe = jnp.broadcast_to(probe.astype(x.dtype), (batch, 1, width))
+        p = MultiHeadAttention(
+            num_heads=self.num_heads,
+            implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+        )(probe, x)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(p)
+        mlp_dim = 4 * width if self.mlp_dim is None else self.mlp_dim
+        p = p + Mlp(mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+        return p[:, 0]
+
+
+class ViT(nn.Module):
+    """Vision Transformer: patches -> (class token) -> position embedding -> pre-LN encoder -> pool -> head.
+
+    Sizes come from ``variant`` (see :func:`decode_variant`); any of ``width``, ``depth``, ``num_heads``,
+    ``mlp_dim``, ``patch_size`` given explicitly overrides it (``variant=None`` needs all five).
+
+    Attributes:
+      variant: e.g. ``"B/16"``, ``"Ti/4"``, ``"mu/8"``, or ``None``.
+      num_classes: classifier outputs; 0 means no head (the pooled vector is returned in place of the logits).
+      width, depth, num_heads, mlp_dim, patch_size: explicit sizes (override the variant).
+      posemb: ``"learn"`` (learned, normal(0.02) init) or ``"sincos2d"`` (fixed, :func:`posemb_sincos_2d`).
+      class_token: prepend a learned class token ``cls``.
+      cls_posemb: the learned position embedding also covers the class token (HF, CLIP, timm); if False it covers
+        the patches only and the class token is added after it (big_vision).
+      pool_type: ``"token"`` (class token; needs ``class_token``), ``"gap"`` (mean of the patch tokens, class
+        token excluded) or ``"map"`` (:class:`MAPHead`).
+      pre_norm: LayerNorm ``pre_norm`` on the embedded tokens before the encoder (CLIP).
+      final_norm: ``"sequence"`` (LayerNorm ``encoder/encoder_norm`` on every token, ViT/HF), ``"pooled"``
+        (LayerNorm ``post_norm`` on the pooled vector only, CLIP's post_layernorm) or ``"none"``.
+      representation_size: if set, a Dense ``pre_logits`` of this width + ``representation_activation`` after
+        pooling (HF ViTModel's pooler).
+      representation_activation: activation name of the representation layer (``"tanh"``).
+      patch_bias: bias in the patch embedding (False for CLIP).
+      activation, layer_norm_eps, dropout_rate, attention_dropout_rate, drop_path_rate, attention_bias, remat, scan,
+        attention_implementation: encoder options, see :class:`mmjax.layers.Encoder`. ``dropout_rate`` also
+        applies to the embedded tokens.
+      head_zero_init: initialise the classifier to zeros (big_vision); else LeCun normal.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: parameter dtype (float32).
+
+    Call: ``logits, intermediates = model.apply({"params": params}, images, train=False)``; ``images``
+    ``[batch, height, width, channels]`` float; ``train=True`` enables dropout / stochastic depth (rng
+    ``'dropout'``). ``logits`` ``[batch, num_classes]`` float32 (``num_classes=0``: the pooled vector
+    ``[batch, representation_size or width]``). ``intermediates`` holds ``patch_tokens`` (patch embeddings
+    ``[batch, patches, width]``), ``embedded`` (encoder input), ``encoderblock_{i}`` (when ``scan=False``),
+    ``encoded`` (encoder output after the final sequence norm, ``[batch, tokens, width]``; equals HF's
+    last_hidden_state), ``pooled`` (after pooling and ``post_norm``), ``pre_logits`` (after the representation
+    layer) and ``logits`` (when ``num_classes > 0``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = ViT(variant="mu/8", num_classes=10)
+      >>> images = jnp.zeros((2, 16, 16, 3))
+      >>> params = model.init(jax.random.key(0), images)["params"]
+      >>> logits, aux = model.apply({"params": params}, images)
+      >>> logits.shape, aux["encoded"].shape
+      ((2, 10), (2, 5, 32))
+    """
+
+    variant: str | None = "B/16"
+    num_classes: int = 1000
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+    patch_size: int | None = None
+    posemb: str = "learn"
+    class_token: bool = True
+    cls_posemb: bool = True
+    pool_type: str = "token"
+    pre_norm: bool = False
+    final_norm: str = "sequence"
+    representation_size: int | None = None
+    representation_activation: str = "tanh"
+    patch_bias: bool = True
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attention_bias: bool = True
+    remat: bool = False
+    scan: bool = False
+    attention_implementation: str | None = None
+    head_zero_init: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        self.sizes()  # validate at construction
+        super().__post_init__()
+
+    def sizes(self) -> dict[str, int]:
+        """The resolved ``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``patch_size`` (variant + overrides).
+
+        Example:
+          >>> ViT(variant="S/16", depth=6).sizes()["depth"]
+          6
+        """
+        out = decode_variant(self.variant) if self.variant is not None else {}
+        for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+            if name not in out:
+                raise ValueError(
+                    f"ViT: {name} is not set: variant={self.variant!r} does not define it; pass {name}=... "
+                    f"or a variant such as 'B/16'."
+                )
+            if not isinstance(out[name], int) or out[name] < 1:
+                raise ValueError(f"ViT: {name} must be a positive int, got {out[name]!r}.")
+        if out["width"] % out["num_heads"]:
+            raise ValueError(f"ViT: width={out['width']} is not divisible by num_heads={out['num_heads']}.")
+        checks = [
+            ("pool_type", self.pool_type, _POOL_TYPES),
+            ("final_norm", self.final_norm, _FINAL_NORMS),
+            ("posemb", self.posemb, _POSEMBS),
+        ]
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"ViT: {name}={value!r} is not valid; expected one of {list(valid)}.")
+        if self.pool_type == "token" and not self.class_token:
+            raise ValueError("ViT: pool_type='token' needs class_token=True; use pool_type='gap' or 'map'.")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"ViT: num_classes must be an int >= 0 (0 = no head), got {self.num_classes!r}.")
+        get_activation(self.activation)
+        get_activation(self.representation_activation)
+        return out
+
+    def _check_images(self, images: Array, patch: int) -> None:
+        if images.ndim != 4:
+            raise ValueError(
+                f"ViT: images must be NHWC [batch, height, width, channels], got shape {images.shape} "
+                f"(rank {images.ndim}); add a batch axis or a channel axis."
+            )
+        h, w = images.shape[1:3]
+        if h % patch or w % patch:
+            raise ValueError(
+                f"ViT: image size {h}x{w} (images.shape={images.shape}) is not divisible by patch_size={patch}; "
+                f"resize or crop the images to a multiple of {patch}."
+            )
+        if self.has_variable("params", "embedding"):
+            kernel = self.get_variable("params", "embedding")["kernel"]
+            if kernel.shape[2] != images.shape[3]:
+                raise ValueError(
+                    f"ViT: images have {images.shape[3]} channels (shape {images.shape}) but the patch embedding "
+                    f"expects {kernel.shape[2]}."
+                )
+
+    def _learned_posemb(self, x: Array) -> Array:
+        shape = (1,) + tuple(x.shape[1:])
+        if self.has_variable("params", "pos_embedding"):
+            have = tuple(self.get_variable("params", "pos_embedding").shape)
+            if have != shape:
+                raise ValueError(
+                    f"ViT: the images give {x.shape[1]} tokens but pos_embedding has shape {have} (expected "
+                    f"{shape}); use the image size the parameters were made for."
+                )
+        pe = self.param("pos_embedding", nn.initializers.normal(0.02), shape, self.param_dtype)
+        return x + pe.astype(x.dtype)
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
+        s = self.sizes()
+        width, patch = s["width"], s["patch_size"]
+        self._check_images(images, patch)
+        deterministic = not train
+        out: dict[str, Array] = {}
+
+        x = nn.Conv(
+            width,
+            (patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            use_bias=self.patch_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="embedding",
+        )(images)
+        batch, gh, gw, _ = x.shape
+        x = x.reshape(batch, gh * gw, width)
+        out["patch_tokens"] = x
+
+        def add_cls(x):
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
+            return jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, width)), x], axis=1)
+
+        if self.posemb == "sincos2d":
+            x = x + posemb_sincos_2d(gh, gw, width, dtype=x.dtype)
+            if self.class_token:
+                x = add_cls(x)
+        elif self.class_token and self.cls_posemb:
+            x = self._learned_posemb(add_cls(x))
+        else:
+            x = self._learned_posemb(x)
+            if self.class_token:
+                x = add_cls(x)
+        num_prefix = 1 if self.class_token else 0
+
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        if self.pre_norm:
+            x = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm"
+            )(x)
+        out["embedded"] = x
+
+        x, blocks = Encoder(
+            depth=s["depth"],
+            num_heads=s["num_heads"],
+            mlp_dim=s["mlp_dim"],
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            attention_bias=self.attention_bias,
+            attention_implementation=self.attention_implementation,
+            remat=self.remat,
+            scan=self.scan,
+            final_norm=self.final_norm == "sequence",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="encoder",
+        )(x, deterministic=deterministic)
+        out.update(blocks)
+        out["encoded"] = x
+
+        if self.pool_type == "token":
+            pooled = x[:, 0]
+        elif self.pool_type == "gap":
+            pooled = jnp.mean(x[:, num_prefix:], axis=1)
+        else:
+            pooled = MAPHead(
+                num_heads=s["num_heads"],
+                mlp_dim=s["mlp_dim"],
+                activation=self.activation,
+                layer_norm_eps=self.layer_norm_eps,
+                attention_implementation=self.attention_implementation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="map_head",
+            )(x)
+        if self.final_norm == "pooled":
+            pooled = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="post_norm"
+            )(pooled)
+        out["pooled"] = pooled
+
+        if self.representation_size is not None:
+            pooled = nn.Dense(
+                self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
+            )(pooled)
+            pooled = get_activation(self.representation_activation)(pooled)
+        out["pre_logits"] = pooled
+
+        if self.num_classes == 0:
+            return pooled, out
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal(),
+            name="head",
+        )(pooled).astype(jnp.float32)
+        out["logits"] = logits
+        return logits, out

@@ -1,0 +1,116 @@
+"""Unit tests for mmjax.text: pooling modes, causality, padding mask, shapes, jit, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.text import POOLING_MODES, TextTransformer, pool_tokens
+
+EOT = 19
+
+
+def make(**kw):
+    args = dict(vocab_size=20, width=16, depth=2, num_heads=2, context_length=8, eot_id=EOT)
+    args.update(kw)
+    return TextTransformer(**args)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jnp.array([[1, 5, 7, EOT, 0, 0, 0, 0], [1, EOT, 3, EOT, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, EOT]], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def params(ids):
+    return jax.jit(make().init)(jax.random.key(0), ids)["params"]
+
+
+def test_pool_tokens_modes_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    ids = np.array([[3, 9, 2, 9, 0], [3, 1, 2, 4, 9], [3, 4, 1, 1, 1]])
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(pool_tokens(x, ids, "eot", eot_id=9), x[[0, 1, 2], [1, 4, 0]])  # no eot -> 0
+    np.testing.assert_array_equal(pool_tokens(x, ids, "argmax"), x[[0, 1, 2], [1, 4, 1]])
+    np.testing.assert_array_equal(pool_tokens(x, ids, "first"), x[:, 0])
+    np.testing.assert_array_equal(pool_tokens(x, ids, "last"), x[:, -1])
+    np.testing.assert_array_equal(pool_tokens(x, ids, "last", attention_mask=mask), x[[0, 1, 2], [3, 4, 1]])
+    np.testing.assert_allclose(pool_tokens(x, ids, "mean"), x.mean(1), rtol=1e-6)
+    want = np.stack([x[b, mask[b]].mean(0) for b in range(3)])
+    np.testing.assert_allclose(pool_tokens(x, ids, "mean", attention_mask=mask), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="pooling mode"):
+        pool_tokens(x, ids, "max")
+
+
+def test_shapes_and_intermediates(ids, params):
+    pooled, aux = make().apply({"params": params}, ids)
+    assert pooled.shape == (3, 16) and aux["tokens"].shape == (3, 8, 16)
+    assert set(aux) >= {"embeddings", "tokens", "encoderblock_0", "encoderblock_1"}
+    assert params["pos_embedding"].shape == (8, 16)
+    assert params["token_embedding"]["embedding"].shape == (20, 16)
+    # eot pooling picks the first eot token of each row
+    np.testing.assert_array_equal(pooled, aux["tokens"][jnp.arange(3), jnp.array([3, 1, 7])])
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_pooling_modes_follow_pool_tokens(ids, params, mode):
+    pooled, aux = make(pooling=mode).apply({"params": params}, ids)
+    np.testing.assert_allclose(pooled, pool_tokens(aux["tokens"], ids, mode, EOT), rtol=1e-6, atol=1e-6)
+
+
+def test_causal_tokens_do_not_see_the_future(ids, params):
+    model = make()
+    _, a = model.apply({"params": params}, ids)
+    changed = ids.at[:, 5:].set(11)
+    pooled, b = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(a["tokens"][:, :5], b["tokens"][:, :5], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a["tokens"][:, 5:], b["tokens"][:, 5:])
+    # without causality the prefix would change
+    _, c = make(causal=False).apply({"params": params}, changed)
+    _, d = make(causal=False).apply({"params": params}, ids)
+    assert not np.allclose(c["tokens"][:, :5], d["tokens"][:, :5])
+
+
+def test_attention_mask_hides_padding_from_later_tokens(ids, params):
+    model = make(pooling="mean")
+    mask = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1] * 8])
+    pooled, aux = model.apply({"params": params}, ids, mask)
+    # with the mask, the masked-out tokens do not change the valid ones nor the mean over valid tokens
+    noisy = jnp.where(mask.astype(bool), ids, 13)
+    pooled2, aux2 = model.apply({"params": params}, noisy, mask)
+    np.testing.assert_allclose(pooled, pooled2, rtol=1e-5, atol=1e-6)
+    # a shorter sequence without padding gives the same valid-token features
+    _, short = model.apply({"params": params}, ids[:2, :4])
+    np.testing.assert_allclose(aux["tokens"][:2, :4], short["tokens"], rtol=1e-5, atol=1e-6)
+
+
+def test_jit_and_grad(ids, params):
+    model = make()
+    fn = jax.jit(lambda p, i: model.apply({"params": p}, i)[0])
+    np.testing.assert_allclose(fn(params, ids), model.apply({"params": params}, ids)[0], rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda p: jnp.sum(fn(p, ids) ** 2))(params)
+    assert float(jnp.abs(g["token_embedding"]["embedding"][EOT]).sum()) > 0
+    assert float(jnp.abs(g["token_embedding"]["embedding"][18]).sum()) == 0  # id 18 is unused
+
+
+def test_scan_matches_unrolled(ids, params):
+    scanned = make(scan=True)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), params["encoder"]["encoderblock_0"],
+                           params["encoder"]["encoderblock_1"])
+    p = {**params, "encoder": {"encoderblock": stacked, "encoder_norm": params["encoder"]["encoder_norm"]}}
+    np.testing.assert_allclose(
+        scanned.apply({"params": p}, ids)[0], make().apply({"params": params}, ids)[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_bad_inputs(ids, params):
+    model = make()
+    with pytest.raises(ValueError, match="integer array"):
+        model.apply({"params": params}, ids.astype(jnp.float32))
+    with pytest.raises(ValueError, match="context_length=8"):
+        model.apply({"params": params}, jnp.zeros((1, 9), jnp.int32))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.apply({"params": params}, ids, jnp.ones((3, 7), bool))
+    with pytest.raises(ValueError, match="pooling"):
+        make(pooling="max").apply({"params": params}, ids)

@@ -1,0 +1,211 @@
+"""Tests of mmjax.vit: variants, exact parameter counts, pooling, heads, scan/remat equivalence, dtypes, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.layers import posemb_sincos_2d, stack_layers
+from mmjax.vit import VARIANTS, ViT, decode_variant
+
+TINY = dict(variant="mu/4", width=16, num_heads=2, mlp_dim=32, depth=1)
+
+
+def _images(batch=2, size=8, channels=3, seed=0):
+    return np.random.RandomState(seed).randn(batch, size, size, channels).astype(np.float32)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _randomize(params, seed=0):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [("Ti/16", 5_717_416), ("S/16", 22_050_664), ("B/16", 86_567_656), ("B/32", 88_224_232), ("L/16", 304_326_632)],
+)
+def test_parameter_counts_match_the_literature(variant, expected):
+    shapes = jax.eval_shape(ViT(variant=variant).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert _count(shapes["params"]) == expected
+
+
+def test_decode_variant_table_and_errors():
+    assert decode_variant("Ti/4") == dict(width=192, depth=12, mlp_dim=768, num_heads=3, patch_size=4)
+    assert decode_variant("H") == dict(width=1280, depth=32, mlp_dim=5120, num_heads=16)
+    assert [VARIANTS[k][0] for k in ("mu", "Ti", "S", "M", "B", "L", "H")] == [32, 192, 384, 512, 768, 1024, 1280]
+    for bad in ("X/16", "B-16", "B/16/2", "", None):
+        with pytest.raises(ValueError, match="not a ViT variant"):
+            decode_variant(bad)
+    with pytest.raises(ValueError, match="not a ViT variant"):
+        ViT(variant="Q/16")
+    with pytest.raises(ValueError, match="patch_size is not set"):
+        ViT(variant="B")
+    assert ViT(variant="B", patch_size=8).sizes()["patch_size"] == 8
+    assert ViT(variant="S/16", depth=3, width=96).sizes() == dict(
+        width=96, depth=3, mlp_dim=1536, num_heads=6, patch_size=16)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="pool_type='tok'"):
+        ViT(pool_type="tok")
+    with pytest.raises(ValueError, match="class_token=True"):
+        ViT(pool_type="token", class_token=False)
+    with pytest.raises(ValueError, match="final_norm='both'"):
+        ViT(final_norm="both")
+    with pytest.raises(ValueError, match="not divisible by num_heads=5"):
+        ViT(variant="mu/4", num_heads=5)
+    with pytest.raises(ValueError, match="activation='gleu'"):
+        ViT(activation="gleu")
+
+
+def test_shapes_and_intermediates():
+    model = ViT(num_classes=7, **TINY)
+    x = _images()
+    params = model.init(jax.random.key(0), x)["params"]
+    assert set(params) == {"embedding", "cls", "pos_embedding", "encoder", "head"}
+    assert params["pos_embedding"].shape == (1, 5, 16) and params["embedding"]["kernel"].shape == (4, 4, 3, 16)
+    logits, aux = model.apply({"params": params}, x)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert set(aux) == {"patch_tokens", "embedded", "encoderblock_0", "encoded", "pooled", "pre_logits", "logits"}
+    assert aux["patch_tokens"].shape == (2, 4, 16) and aux["encoded"].shape == (2, 5, 16)
+    np.testing.assert_array_equal(aux["pooled"], aux["encoded"][:, 0])
+    # the patch embedding is a per-patch linear map: check patch (row 1, col 0) by hand
+    k = np.asarray(params["embedding"]["kernel"]).reshape(48, 16)
+    patch = x[:, 4:8, 0:4, :].reshape(2, 48)
+    np.testing.assert_allclose(aux["patch_tokens"][:, 2], patch @ k + params["embedding"]["bias"], atol=1e-5)
+    # learned posemb covers the class token: embedded = [cls, patches] + pos_embedding
+    want = np.concatenate([np.broadcast_to(params["cls"], (2, 1, 16)), aux["patch_tokens"]], 1)
+    np.testing.assert_allclose(aux["embedded"], want + params["pos_embedding"], atol=1e-6)
+
+
+def test_pooling_types():
+    x = _images()
+    gap = ViT(num_classes=0, pool_type="gap", **TINY)
+    params = gap.init(jax.random.key(0), x)["params"]
+    pooled, aux = gap.apply({"params": params}, x)
+    np.testing.assert_allclose(pooled, aux["encoded"][:, 1:].mean(1), atol=1e-6)  # class token excluded
+    no_cls = ViT(num_classes=3, pool_type="gap", class_token=False, **TINY)
+    p2 = no_cls.init(jax.random.key(0), x)["params"]
+    assert "cls" not in p2 and p2["pos_embedding"].shape == (1, 4, 16)
+    _, aux2 = no_cls.apply({"params": p2}, x)
+    np.testing.assert_allclose(aux2["pooled"], aux2["encoded"].mean(1), atol=1e-6)
+    mapm = ViT(num_classes=3, pool_type="map", **TINY)
+    p3 = _randomize(mapm.init(jax.random.key(0), x)["params"])
+    assert set(p3["map_head"]) == {"probe", "attn", "ln", "mlp"}
+    logits, aux3 = mapm.apply({"params": p3}, x)
+    assert logits.shape == (2, 3) and aux3["pooled"].shape == (2, 16)
+    # the MAP probe attends over all tokens: permuting tokens of the encoder output leaves it unchanged
+    from mmjax.vit import MAPHead
+
+    head = MAPHead(num_heads=2, mlp_dim=32)
+    enc = aux3["encoded"]
+    pooled_map = head.apply({"params": p3["map_head"]}, enc)
+    np.testing.assert_allclose(pooled_map, aux3["pooled"], atol=1e-6)
+    np.testing.assert_allclose(head.apply({"params": p3["map_head"]}, enc[:, ::-1]), pooled_map, atol=1e-5)
+
+
+def test_num_classes_zero_and_representation_layer():
+    x = _images()
+    model = ViT(num_classes=0, representation_size=12, **TINY)
+    params = _randomize(model.init(jax.random.key(0), x)["params"])
+    assert "head" not in params and params["pre_logits"]["kernel"].shape == (16, 12)
+    out, aux = model.apply({"params": params}, x)
+    want = np.tanh(np.asarray(aux["pooled"]) @ params["pre_logits"]["kernel"] + params["pre_logits"]["bias"])
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    np.testing.assert_array_equal(out, aux["pre_logits"])
+    assert "logits" not in aux
+
+
+def test_clip_style_options():
+    x = _images()
+    model = ViT(num_classes=0, pre_norm=True, final_norm="pooled", patch_bias=False, activation="quick_gelu",
+                layer_norm_eps=1e-5, **TINY)
+    params = _randomize(model.init(jax.random.key(0), x)["params"])
+    assert "bias" not in params["embedding"] and "encoder_norm" not in params["encoder"]
+    assert {"pre_norm", "post_norm"} <= set(params)
+    out, aux = model.apply({"params": params}, x)
+    cls = np.asarray(aux["encoded"][:, 0])  # encoded is NOT normalised here
+    mu, var = cls.mean(-1, keepdims=True), cls.var(-1, keepdims=True)
+    want = (cls - mu) / np.sqrt(var + 1e-5) * params["post_norm"]["scale"] + params["post_norm"]["bias"]
+    np.testing.assert_allclose(out, want, atol=1e-4)
+
+
+def test_sincos_posemb_and_big_vision_cls_placement():
+    x = _images()
+    model = ViT(num_classes=0, posemb="sincos2d", **TINY)
+    params = model.init(jax.random.key(0), x)["params"]
+    assert "pos_embedding" not in params
+    _, aux = model.apply({"params": params}, x)
+    np.testing.assert_allclose(aux["embedded"][:, 1:], aux["patch_tokens"] + posemb_sincos_2d(2, 2, 16), atol=1e-6)
+    np.testing.assert_allclose(aux["embedded"][:, 0], np.broadcast_to(params["cls"][0], (2, 16)), atol=0)
+    bv = ViT(num_classes=0, cls_posemb=False, **TINY)
+    p2 = bv.init(jax.random.key(0), x)["params"]
+    assert p2["pos_embedding"].shape == (1, 4, 16)
+
+
+def test_scan_equals_loop_with_stacked_params_and_remat_same_output():
+    x = _images()
+    two = dict(TINY, depth=2)
+    model = ViT(num_classes=5, **two)
+    params = _randomize(model.init(jax.random.key(0), x)["params"])
+    ref, aux = model.apply({"params": params}, x)
+    assert {"encoderblock_0", "encoderblock_1"} <= set(aux)
+    scan = ViT(num_classes=5, scan=True, **two)
+    stacked = dict(params, encoder=stack_layers(params["encoder"], 2))
+    want_shapes = jax.tree.map(jnp.shape, jax.eval_shape(scan.init, jax.random.key(0), x)["params"])
+    assert jax.tree.map(jnp.shape, stacked) == want_shapes
+    np.testing.assert_allclose(scan.apply({"params": stacked}, x)[0], ref, atol=1e-5, rtol=1e-5)
+    remat = ViT(num_classes=5, remat=True, **two)
+    np.testing.assert_allclose(remat.apply({"params": params}, x)[0], ref, atol=1e-6)
+
+
+def test_train_mode_uses_dropout_rng():
+    x = _images()
+    model = ViT(num_classes=5, dropout_rate=0.3, drop_path_rate=0.2, **TINY)
+    params = _randomize(model.init(jax.random.key(0), x)["params"])
+    ev1, ev2 = model.apply({"params": params}, x)[0], model.apply({"params": params}, x, train=False)[0]
+    np.testing.assert_array_equal(ev1, ev2)
+    t1 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})[0]
+    t2 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})[0]
+    assert not np.allclose(t1, t2) and not np.allclose(t1, ev1)
+
+
+def test_bfloat16_compute_float32_params():
+    x = _images()
+    model = ViT(num_classes=5, dtype=jnp.bfloat16, **TINY)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    ref = ViT(num_classes=5, **TINY)
+    p = _randomize(ref.init(jax.random.key(0), x)["params"])
+    f32 = ref.apply({"params": p}, x)[1]["encoded"]
+    logits, aux = jax.jit(model.apply)({"params": p}, x)
+    assert aux["encoded"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(aux["encoded"], np.float32), f32, atol=0.1, rtol=0.05)
+
+
+def test_bad_images_raise():
+    model = ViT(num_classes=5, **TINY)
+    params = model.init(jax.random.key(0), _images())["params"]
+    with pytest.raises(ValueError, match=r"NHWC.*\(8, 8, 3\)"):
+        model.apply({"params": params}, _images()[0])
+    with pytest.raises(ValueError, match="10x10.*patch_size=4"):
+        model.apply({"params": params}, _images(size=10))
+    with pytest.raises(ValueError, match="17 tokens.*\\(1, 5, 16\\)"):
+        model.apply({"params": params}, _images(size=16))
+    with pytest.raises(ValueError, match="1 channels"):
+        model.apply({"params": params}, _images(channels=1))
+
+
+def test_jit_and_grad():
+    x = _images()
+    model = ViT(num_classes=5, **TINY)
+    params = model.init(jax.random.key(0), x)["params"]
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x)[0] ** 2 + model.apply({"params": p}, x)[0])  # noqa
+    grads = jax.jit(jax.grad(loss))(params)
+    assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+    assert float(jnp.abs(grads["head"]["bias"]).sum()) > 0
