@@ -1,7 +1,53 @@
 """mmjax: multimodal models in pure JAX/Flax, exact against the references people trust.
 
-Submodules (each one concept): ``attention``, ``layers``, ``vit``, ``text``, ``clip``, ``tokenizer``,
-``graph``, ``gnn``, ``losses``, ``evaluate``, ``convert``, ``data``, ``train``.
+One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention), :mod:`~mmjax.layers`
+(transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
+:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.losses`, :mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
+:mod:`~mmjax.data`, :mod:`~mmjax.train`.
+
+The names below are re-exported lazily (a submodule is imported on first use, so ``import mmjax`` stays cheap):
+
+>>> import mmjax
+>>> mmjax.dot_product_attention is mmjax.attention.dot_product_attention
+True
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "dot_product_attention": "attention",
+    "MultiHeadAttention": "attention",
+    "ViT": "vit",
+    "TextTransformer": "text",
+    "CLIP": "clip",
+    "CLIPConfig": "clip",
+    "CLIPTokenizer": "tokenizer",
+    "WordTokenizer": "tokenizer",
+    "Graph": "graph",
+    "GCNConv": "gnn",
+    "GATConv": "gnn",
+    "GraphConv": "gnn",
+    "MessagePassing": "gnn",
+    "softmax_contrastive_loss": "losses",
+    "sigmoid_contrastive_loss": "losses",
+    "from_hf": "convert",
+    "train_and_evaluate": "train",
+}
+_SUBMODULES = ("attention", "layers", "vit", "text", "clip", "tokenizer", "preprocess", "graph", "segment", "gnn",
+               "losses", "evaluate", "convert", "data", "train", "cli")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mmjax.{_EXPORTS[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mmjax.{name}")
+    raise AttributeError(f"module 'mmjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,15 +1,7 @@
-"""Test configuration: 8 virtual CPU devices, set before jax is imported anywhere."""
+"""Test configuration. The 8-device XLA flag is set in the root conftest.py, before jax is imported."""
 
-import os
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax  # noqa: E402  (import after the flags are set)
-import pytest  # noqa: E402
+import jax
+import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)

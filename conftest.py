@@ -1,0 +1,13 @@
+"""Root pytest configuration (applies to tests/ and to the doctests in mmjax/).
+
+Eight virtual CPU devices, set before jax is imported anywhere, so multi-device code is tested on any machine.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MPLBACKEND", "Agg")
