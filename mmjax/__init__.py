@@ -2,7 +2,8 @@
 
 One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention), :mod:`~mmjax.layers`
 (transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
-:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.losses`, :mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
+:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.losses`,
+:mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
 :mod:`~mmjax.data`, :mod:`~mmjax.train`.
 
 The names below are re-exported lazily (a submodule is imported on first use, so ``import mmjax`` stays cheap):
@@ -36,7 +37,7 @@ _EXPORTS = {
     "train_and_evaluate": "train",
 }
 _SUBMODULES = ("attention", "layers", "vit", "text", "clip", "tokenizer", "preprocess", "graph", "segment", "gnn",
-               "losses", "evaluate", "convert", "data", "train", "cli")
+               "graph_models", "losses", "evaluate", "convert", "data", "train", "cli")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -1,4 +1,7 @@
-"""Smoke tests (tiny sizes) of the graph tasks: image -> patch graphs, karate club GCN, Fashion-MNIST graphs job."""
+"""Smoke tests (tiny sizes) of the graph tasks through the engine: image -> patch graphs, the karate club GCN config
+(node classification) and the Fashion-MNIST patch-graph config (graph classification). No sys.path changes: configs
+are loaded from their files like ``mmjax train --config`` does, models are found by registry name or
+``"mmjax.module:Class"``."""
 
 import os
 import sys
@@ -7,11 +10,13 @@ import numpy as np
 import pytest
 
 from mmjax import graph as gr
+from mmjax.cli import load_config_file
 from mmjax.data import graphs as dg
+from mmjax.train import evaluate, train_and_evaluate
+from mmjax.train.classification import build_model_class
+from mmjax.train.config import prepare_config
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-if EXPERIMENTS not in sys.path:
-    sys.path.insert(0, EXPERIMENTS)
 
 
 @pytest.mark.parametrize("neighbours,degrees", [(4, (2, 3, 4)), (8, (3, 5, 8))])
@@ -43,18 +48,35 @@ def test_images_to_graphs_features_and_structure():
         dg.images_to_graphs(images[0], patch=4)
 
 
-def test_karate_gcn_smoke(tmp_path):
-    import karate_gcn
+def test_configs_need_no_sys_path_hack():
+    assert EXPERIMENTS not in sys.path
+    config = load_config_file(os.path.join(EXPERIMENTS, "fashion_mnist_graphs.py"))
+    from mmjax.graph_models import PatchGCN
 
-    _, emb, labels, metrics = karate_gcn.train(steps=3)
-    assert emb.shape == (34, 2) and labels.shape == (34,) and set(labels.tolist()) == {0, 1}
-    assert 0.0 <= metrics["accuracy_unlabelled"] <= 1.0 and np.isfinite(metrics["final_train_loss"])
-    karate_gcn.plot(emb, labels, str(tmp_path / "e.png"))
-    assert (tmp_path / "e.png").stat().st_size > 1000
+    assert build_model_class(config.model) is PatchGCN  # found by "mmjax.graph_models:PatchGCN"
+    karate = load_config_file(os.path.join(EXPERIMENTS, "karate_gcn.py"))
+    assert karate.task == "node_classification" and karate.model.name == "gcn"
+    assert EXPERIMENTS not in sys.path and "fashion_mnist_graphs" not in sys.modules
+    for name in ("karate_gcn.py", "fashion_mnist_graphs.py"):
+        path = os.path.join(EXPERIMENTS, name)
+        prepare_config(load_config_file(path))  # valid engine configs
+        doc = open(path).read().split('"""')[1]
+        assert f"mmjax train --config experiments/{name}" in doc and "Expected" in doc
 
 
-def test_fashion_mnist_graphs_smoke(tmp_path):
-    import fashion_mnist_graphs
+def test_karate_gcn_config_trains_with_engine(tmp_path):
+    config = load_config_file(os.path.join(EXPERIMENTS, "karate_gcn.py"))
+    config.num_steps = 30
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 30 and result["eval_count"] == 32  # the 32 unlabelled members
+    assert result["train_loss"] < 0.5 and result["train_accuracy"] == 1.0  # the two labelled leaders are fitted
+    assert result["eval_accuracy"] > 0.6 and result["eval_accuracy"] == result["eval_accuracy_test_nodes"]
+    assert result["eval_accuracy_train_nodes"] == 1.0
+    assert os.path.getsize(result["eval_embedding_plot"]) > 1000 and (tmp_path / "curves.png").exists()
+    assert evaluate(str(tmp_path))["eval_accuracy"] == result["eval_accuracy"]  # checkpoint + saved config
+
+
+def test_fashion_mnist_graphs_config_trains_with_engine(tmp_path):
     from mmjax.data.fashion_mnist import write_idx
 
     rng = np.random.default_rng(0)
@@ -62,9 +84,12 @@ def test_fashion_mnist_graphs_smoke(tmp_path):
         labels = rng.integers(0, 10, n).astype(np.uint8)
         write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), rng.integers(0, 255, (n, 8, 8)).astype(np.uint8))
         write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"), labels)
-    result = fashion_mnist_graphs.main([
-        "--workdir", str(tmp_path / "work"), "--data_dir", str(tmp_path), "--num_steps", "2", "--hidden", "8",
-        "--depth", "1", "--batch_size", "8", "--eval_batch_size", "4", "--quiet"])
+    config = load_config_file(os.path.join(EXPERIMENTS, "fashion_mnist_graphs.py"))
+    config.model.hidden, config.model.depth = 8, 1
+    config.data.data_dir = str(tmp_path)
+    config.num_steps, config.batch_size, config.eval_batch_size = 2, 8, 4
+    config.tensorboard = config.plot = False
+    result = train_and_evaluate(config, str(tmp_path / "work"))
     assert result["step"] == 2
     assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["eval_count"] == 12
     assert np.isfinite(result["train_loss"])

@@ -1,0 +1,212 @@
+"""The ``mmjax`` command line: ``mmjax train``, ``mmjax eval`` (more subcommands register in :data:`COMMANDS`).
+
+``mmjax train --config experiments/fashion_mnist_vit.py --workdir /tmp/fm --config.batch_size=256``
+
+Overrides ``--config.a.b=value`` (or ``--config.a.b value``) set nested config fields; the value is parsed like a
+Python literal (``3``, ``0.1``, ``True``, ``(1, 2)``, ``None``) and otherwise taken as a string, then coerced to the
+type of the existing field (an ``int`` field given ``3.0`` is an error, a ``float`` field given ``3`` becomes
+``3.0``).
+
+Adding a subcommand is one line in :data:`COMMANDS`: ``name: (help, add_arguments(parser), run(args) -> int)``.
+
+>>> parse_override_value("0.5"), parse_override_value("True"), parse_override_value("vit")
+(0.5, True, 'vit')
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+from typing import Callable
+
+import ml_collections
+
+
+def parse_override_value(text: str):
+    """A command-line value as a Python literal when it is one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its ``get_config()``.
+
+    Raises:
+      ValueError: if the file does not exist or has no ``get_config``.
+
+    >>> load_config_file("/nonexistent.py")
+    Traceback (most recent call last):
+    ...
+    ValueError: --config '/nonexistent.py': no such file (expected a Python file with get_config())
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file (expected a Python file with get_config())")
+    spec = importlib.util.spec_from_file_location(f"mmjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path!r} defines no get_config() function")
+    return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """Sets ``config.<dotted key> = value`` for each ``(key, text)``; new keys are allowed only in free-form
+    sections (the engine's strict sections reject them when the config is validated).
+
+    >>> c = ml_collections.ConfigDict({"a": {"b": 1.0}, "n": 2})
+    >>> apply_overrides(c, [("a.b", "3"), ("n", "5")]).a.b
+    3.0
+    """
+    for key, text in overrides:
+        value = parse_override_value(text)
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node or node[part] is None:
+                with node.ignore_type():
+                    node[part] = ml_collections.ConfigDict()
+            node = node[part]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ValueError(f"--config.{key}: config.{'.'.join(parents[:i + 1])} is not a section")
+        old = node.get(leaf, None) if leaf in node else None
+        if old is not None and not isinstance(old, ml_collections.ConfigDict):
+            if isinstance(old, bool) and not isinstance(value, bool):
+                raise ValueError(f"--config.{key}={text!r}: expected True or False")
+            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(old, str) and not isinstance(value, str):
+                value = text
+            elif isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
+                raise ValueError(f"--config.{key}={text!r}: expected an int (the field is {old!r})")
+            elif isinstance(old, tuple) and isinstance(value, list):
+                value = tuple(value)
+        with node.ignore_type():
+            node[leaf] = value
+    return config
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and len(arg) > len("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(argv):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                raise ValueError(f"{arg}: missing value (use {arg}=VALUE)")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def initialize_distributed(config) -> bool:
+    """Starts multi-process JAX when ``config.distributed`` or the environment asks for it (see
+    :mod:`mmjax.train.distributed`); a single-process run is left alone.
+
+    >>> initialize_distributed(ml_collections.ConfigDict())
+    False
+    """
+    from mmjax.train.distributed import initialize
+
+    return initialize(config)
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="experiment config file defining get_config() (e.g. experiments/fashion_mnist_vit.py)")
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="run directory: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png; "
+                        "rerunning with the same DIR resumes from its latest checkpoint")
+    p.epilog = ("Overrides: --config.KEY=VALUE sets a (nested) config field, e.g. --config.batch_size=256 "
+                "--config.optimizer.lr=1e-3 --config.parallel.mode=pmap --config.data.data_dir=/path. "
+                "SIGTERM saves a checkpoint and exits 0; rerun the same command to continue.")
+
+
+def _run_train(args) -> int:
+    from mmjax.train import train_and_evaluate
+
+    config = apply_overrides(load_config_file(args.config), args.overrides)
+    initialize_distributed(config)
+    result = train_and_evaluate(config, args.workdir)
+    print(json.dumps(result, indent=2, default=str))
+    if result.get("preempted"):
+        print(f"stopped by SIGTERM at step {result['step']}; checkpoint saved in {result['workdir']}; "
+              "rerun the same command to resume", file=sys.stderr)
+    else:
+        acc = result.get("eval_accuracy")
+        print(f"done: step {result['step']}, " + (f"eval accuracy {acc:.4f}, " if acc is not None else "")
+              + f"wall time {result['wall_time_s']:.1f} s, workdir {result['workdir']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="a training run's directory: its config.json and latest checkpoint are evaluated")
+    p.epilog = ("Overrides: --config.KEY=VALUE changes the saved config for this evaluation, e.g. "
+                "--config.data.eval_split=test --config.eval_batch_size=1000 --config.parallel.mode=single.")
+
+
+def _run_eval(args) -> int:
+    from mmjax.train import evaluate
+
+    overrides = apply_overrides(ml_collections.ConfigDict(), args.overrides) if args.overrides else None
+    print(json.dumps(evaluate(args.workdir, overrides), indent=2, default=str))
+    return 0
+
+
+#: Subcommands: name -> (one-line help, add_arguments(parser), run(args) -> exit code).
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train a config (resumes from the workdir's latest checkpoint)", _add_train_args, _run_train),
+    "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per entry of :data:`COMMANDS`.
+
+    >>> build_parser().parse_args(["eval", "--workdir", "/tmp/run"]).workdir
+    '/tmp/run'
+    """
+    parser = argparse.ArgumentParser(
+        prog="mmjax", description="mmjax: multimodal models in JAX/Flax - training and evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmjax`` script; returns the exit code (2 for usage and config errors).
+
+    >>> main(["eval", "--workdir", "/nonexistent"])
+    2
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        rest, overrides = _split_config_overrides(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    try:
+        return args._run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,185 @@
+"""Training metrics: JSON lines, TensorBoard event files, a tqdm progress bar and a saved training-curve plot.
+
+Every record goes to ``workdir/metrics.jsonl`` as ``{"step": int, "split": "train" | "eval", name: float, ...}``
+(appended, so a resumed run continues the same file), and to TensorBoard events in ``workdir/tensorboard`` as
+``split/name``. :func:`plot_curves` turns the JSON lines into ``workdir/curves.png``.
+
+>>> import tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> log = MetricLogger(d, total_steps=2, start_step=0, progress=False, tensorboard=False)
+>>> for step, split, m in [(1, "train", {"loss": 2.0}), (2, "train", {"loss": 1.0}), (2, "eval", {"accuracy": 0.5})]:
+...     _ = log.write(step, split, m)
+>>> log.close()
+>>> [r["step"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))]
+[1, 2, 2]
+>>> os.path.exists(os.path.join(d, "curves.png"))
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+class MetricLogger:
+    """Writes metrics records and drives the progress bar.
+
+    Args:
+      workdir: the run's directory.
+      total_steps: steps of the whole run (progress bar total).
+      start_step: the step this process starts at (resumed runs start later).
+      examples_per_step: examples in one global batch; the bar shows examples/s (``unit``) and the ETA.
+      progress: show the tqdm bar.
+      tensorboard: write TensorBoard events (tensorboardX).
+      unit: what an example is called in the bar ("img", "graph", "pair").
+    """
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, examples_per_step: int = 1,
+                 progress: bool = True, tensorboard: bool = True, unit: str = "img"):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
+        self._bar = None
+        self.examples_per_step = examples_per_step
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total_steps * examples_per_step, initial=start_step * examples_per_step,
+                unit=unit, unit_scale=True, dynamic_ncols=True, smoothing=0.1,
+            )
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, float]:
+        """Appends one record; returns it with plain-float values."""
+        record = {k: _to_float(v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": int(step), "split": split, **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, int(step))
+            self._tb.flush()
+        if self._bar is not None and split == "train":
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "accuracy")})
+        if self._bar is not None and split == "eval":
+            self._bar.write(f"step {step}: " + ", ".join(f"eval {k}={v:.4f}" for k, v in record.items()))
+        return record
+
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar by ``steps`` global batches."""
+        if self._bar is not None:
+            self._bar.update(steps * self.examples_per_step)
+
+    def close(self, plot: bool = True) -> None:
+        """Flushes everything and saves the curve plot (``curves.png``)."""
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if plot:
+            plot_curves(self.path, os.path.join(self.workdir, "curves.png"))
+
+
+def _summary_writer(logdir: str):
+    """A tensorboardX ``SummaryWriter``, imported without pulling in torch (tensorboardX imports it when present,
+    which costs seconds and is not needed to write scalars)."""
+    import sys
+
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes tensorboardX's optional `import torch` fail fast
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX.SummaryWriter(logdir)
+
+
+def _to_float(v):
+    try:
+        return float(np.asarray(v))
+    except (TypeError, ValueError):
+        return v
+
+
+def read_metrics(path: str) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file (skipping a torn last line)."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def plot_curves(jsonl_path: str, png_path: str) -> str:
+    """Plots every metric of ``metrics.jsonl`` against the step (one panel per name, train and eval) to a PNG.
+
+    Records of a resumed run that repeat a step replace the earlier ones. Returns ``png_path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, dict[int, float]]] = {}
+    for r in read_metrics(jsonl_path):
+        for k, v in r.items():
+            if k in ("step", "split", "count") or not isinstance(v, (int, float)):
+                continue
+            series.setdefault(k, {}).setdefault(r.get("split", "train"), {})[int(r["step"])] = float(v)
+    names = sorted(series) or ["(no metrics)"]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for split, points in sorted(series.get(name, {}).items()):
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], marker="o" if split == "eval" else None,
+                    markersize=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+class Stopwatch:
+    """Wall-clock seconds since construction; ``lap()`` returns seconds since the last lap.
+
+    >>> sw = Stopwatch(); sw.lap() >= 0.0
+    True
+    """
+
+    def __init__(self):
+        self.start = self._last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since construction."""
+        return time.perf_counter() - self.start
+
+    def lap(self) -> float:
+        """Seconds since the previous lap (or construction)."""
+        now = time.perf_counter()
+        dt, self._last = now - self._last, now
+        return dt

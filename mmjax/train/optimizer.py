@@ -1,0 +1,170 @@
+"""AdamW with path-based weight-decay rules, warmup + cosine schedule and gradient clipping.
+
+The update of one parameter tensor ``p`` with gradient ``g`` (after clipping the global norm to ``grad_clip``) is
+
+    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   (bias-corrected m_hat, v_hat)
+    p <- p - lr(t) * ( m_hat / (sqrt(v_hat) + eps) + weight_decay * mult(path) * p )
+
+with ``lr(t)`` rising linearly from 0 to ``lr`` over ``warmup_steps`` and then following a cosine to
+``lr * end_lr_ratio`` at ``total_steps`` (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019).
+``mult(path)`` comes from big_vision style ``(regex, multiplier)`` rules matched against the parameter path
+``"module/submodule/name"``; the first rule that matches wins. The default rules decay only ``kernel`` tensors
+(including the patch-embedding projection, as big_vision does), so biases, norm scales and embeddings (position
+embeddings, class tokens, MAP probes, ``nn.Embed`` tables, whose leaf is ``embedding``) are skipped.
+
+Gradient accumulation is done by the engine (a scan over micro-batches inside one step), so one optimizer step is one
+call of the train step and the schedule counts optimizer steps. bf16 compute needs no loss scaling (its exponent range
+is float32's).
+
+>>> import jax.numpy as jnp
+>>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "pos_embedding": jnp.ones((1, 4, 2))}
+>>> decay_multipliers(params, DEFAULT_DECAY_RULES)
+{'dense': {'bias': 0.0, 'kernel': 1.0}, 'pos_embedding': 0.0}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+#: First match wins; matched with ``re.fullmatch`` against "a/b/name". Kernels decay; everything else does not.
+DEFAULT_DECAY_RULES: tuple[tuple[str, float], ...] = (
+    (r"(.*/)?(pos_?embedding|positional_embedding|posemb|cls|cls_token|probe|embedding)", 0.0),  # leaf names
+    (r".*kernel", 1.0),
+    (r".*", 0.0),
+)
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """Joins a ``jax.tree_util`` key path into ``"a/b/c"``.
+
+    >>> import jax
+    >>> [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}})[0]]
+    ['a/b']
+    """
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def decay_multipliers(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
+    """Returns a pytree like ``params`` holding the weight-decay multiplier (float) of each leaf.
+
+    Args:
+      params: the parameter pytree.
+      rules: ``(regex, multiplier)`` pairs; a leaf takes the multiplier of the first regex that fully matches its path.
+
+    Raises:
+      ValueError: if a rule is malformed or a leaf matches no rule.
+
+    >>> decay_multipliers({"kernel": 0, "bias": 0}, [(".*kernel", 1.0), (".*", 0.0)])
+    {'bias': 0.0, 'kernel': 1.0}
+    """
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ValueError(f"config.optimizer.decay_rules: each rule must be (regex, multiplier), got {rule!r}")
+        pattern, mult = rule
+        try:
+            compiled.append((re.compile(pattern), float(mult)))
+        except re.error as e:
+            raise ValueError(f"config.optimizer.decay_rules: bad regex {pattern!r}: {e}") from e
+
+    def lookup(path, _):
+        name = param_path(path)
+        for regex, mult in compiled:
+            if regex.fullmatch(name):
+                return mult
+        raise ValueError(
+            f"config.optimizer.decay_rules: parameter {name!r} matches no rule; add a catch-all ('.*', 0.0)"
+        )
+
+    return jax.tree_util.tree_map_with_path(lookup, params)
+
+
+def add_scaled_weight_decay(weight_decay: float, multipliers: Any) -> optax.GradientTransformation:
+    """``updates + weight_decay * mult * params`` leaf by leaf (``mult`` a pytree of floats like ``params``).
+
+    >>> import jax.numpy as jnp
+    >>> tx = add_scaled_weight_decay(0.5, {"w": 1.0, "b": 0.0})
+    >>> p = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    >>> u, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, tx.init(p), p)
+    >>> [float(u["w"][0]), float(u["b"][0])]
+    [0.5, 0.0]
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_scaled_weight_decay needs params: call tx.update(grads, state, params)")
+        new = jax.tree.map(
+            lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, multipliers
+        )
+        return new, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_schedule(lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.0):
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * end_lr_ratio``.
+
+    >>> s = make_schedule(1.0, 10, 110)
+    >>> [round(float(s(t)), 3) for t in (0, 5, 10, 60, 110)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+    warmup_steps = int(min(warmup_steps, max(total_steps - 1, 0)))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=lr * end_lr_ratio,
+    )
+
+
+def make_optimizer(opt_config, params: Any, total_steps: int):
+    """Builds ``(tx, schedule)`` from ``config.optimizer`` for ``params``.
+
+    ``opt_config`` fields: ``lr``, ``weight_decay``, ``b1``, ``b2``, ``eps``, ``warmup_steps``, ``end_lr_ratio``,
+    ``grad_clip`` (0 disables), ``decay_rules`` (see :data:`DEFAULT_DECAY_RULES`).
+
+    >>> import ml_collections, jax.numpy as jnp
+    >>> cfg = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+    ...     warmup_steps=2, end_lr_ratio=0.0, grad_clip=1.0, decay_rules=DEFAULT_DECAY_RULES))
+    >>> tx, schedule = make_optimizer(cfg, {"kernel": jnp.ones(2)}, total_steps=10)
+    >>> round(float(schedule(2)), 6)
+    0.001
+    """
+    schedule = make_schedule(opt_config.lr, opt_config.warmup_steps, total_steps, opt_config.end_lr_ratio)
+    mults = decay_multipliers(params, opt_config.decay_rules)
+    parts = []
+    if opt_config.grad_clip and opt_config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
+    parts += [
+        optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
+        add_scaled_weight_decay(opt_config.weight_decay, mults),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    return optax.chain(*parts), schedule
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """``sqrt(sum of squares)`` over all leaves (float32).
+
+    >>> float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+    5.0
+    """
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

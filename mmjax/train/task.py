@@ -1,0 +1,162 @@
+"""The Task interface: what a task supplies so that one engine trains every kind of model.
+
+The engine (:mod:`mmjax.train.loop`) owns the optimizer, the parallel mode, the step loop, checkpoints and
+metrics. A *task* joins a model, a loss, metrics and data. Classification
+(:class:`mmjax.train.classification.ClassificationTask`) is the first one; graph classification and CLIP
+contrastive learning plug in the same way, without changes to the engine.
+
+Contract
+--------
+A task is any object with these members (duck-typed; :class:`Task` spells them out as a ``typing.Protocol``):
+
+``init_params(rng, batch) -> params``
+    Initialise the model. ``batch`` is one *host* batch (numpy pytree) used only for shapes. Returns the
+    ``params`` pytree (only the ``"params"`` collection is trained; stateful collections such as batch statistics
+    are not supported by the engine).
+
+``loss(params, batch, rng, *, train, axis_name) -> (loss, metrics)``
+    The scalar training loss on one *device-local* batch and a dict of scalar metrics (means over the local batch,
+    e.g. ``{"accuracy": ...}``). ``rng`` is a fresh key per step (and per device under ``pmap``) for dropout.
+    ``axis_name`` tells the task how its batch is laid out:
+
+    * ``None`` in ``"single"`` and ``"sharded"`` modes: ``batch`` holds the *global* batch (under ``"sharded"``
+      its arrays are global ``jax.Array``\\ s split over the mesh; the compiler inserts the communication). A loss
+      that needs the whole global batch (contrastive) simply computes on it.
+    * ``"batch"`` (the pmap axis name) in ``"pmap"`` mode: ``batch`` is this device's shard. A loss that needs the
+      whole global batch gathers it with ``jax.lax.all_gather(x, axis_name, tiled=True)``; ``lax.axis_index``
+      gives this device's position.
+
+    The engine averages gradients over devices (``lax.pmean``), so the loss it optimises is the *mean over devices*
+    of what ``loss`` returns; for a contrastive loss, return the mean over this device's rows of the loss against
+    the gathered global batch, and the gradient is exact (the transpose of ``all_gather`` sums the cotangents of
+    every device). Metrics returned by ``loss`` are likewise ``pmean``-ed.
+
+``eval_metrics(params, batch, *, axis_name) -> dict[str, Array]``
+    *Sums* over one device-local (pmap) or global (single/sharded) evaluation batch, including a ``"count"`` entry
+    (number of real examples). Padded examples (see below) must be excluded, usually with ``batch["mask"]``. The
+    engine sums over batches and devices and reports ``name = sum / count`` for every other key.
+
+``train_batches(start_step) -> Iterator[batch]``
+    Host-local training batches for steps ``start_step, start_step + 1, ...``. The batch for step ``s`` must be a
+    function of the seed and ``s`` only (this is what makes a resumed run continue exactly). Under multi-host
+    training each host yields its share (``global_batch // jax.process_count()`` examples).
+
+``eval_batches() -> Iterable[batch]``
+    Host-local evaluation batches, all of the same shape (pad the last one and mark padding in ``batch["mask"]``).
+
+``num_train_examples -> int`` and ``example_count(batch) -> int``
+    Used for epochs and for throughput (images/s, graphs/s, pairs/s); ``example_count`` counts real examples in a
+    host batch (default: the leading dimension of the first leaf).
+
+Optional members
+----------------
+``wrap_optimizer(tx, params) -> tx``
+    Called once with the engine's optimizer (AdamW + schedule + clipping); returns the one to use (e.g. zero updates
+    for a frozen tower with ``optax.multi_transform``).
+
+``final_report(params, workdir) -> dict``
+    Called once after the final evaluation (not after a SIGTERM stop) with the canonical params; returns extra
+    results (numbers, file paths) that join the ``eval_*`` entries of the result (e.g. full-set retrieval, plots).
+
+``unit``
+    What one example is called in the progress bar ("img", "pair", "graph").
+
+Batch layout
+------------
+A batch is a pytree of arrays (usually a dict) whose leaves all share a leading *example axis*, which the engine
+splits over devices: ``[B, ...]`` stays as is under ``"single"``; becomes ``[devices, B // devices, ...]`` under
+``"pmap"``; is placed with ``NamedSharding(mesh, P("data"))`` under ``"sharded"``. ``B`` must be divisible by the
+number of devices (and by ``grad_accum_steps`` times it) or the engine raises ``ValueError`` before compiling.
+Gradient accumulation splits each device's examples into ``grad_accum_steps`` equal micro-batches along the same
+axis (note: a contrastive loss then contrasts within a micro-batch).
+
+A task whose natural batch has no such axis - graphs, where nodes and edges come in different counts - stacks
+``S`` padded sub-batches: each leaf of a ``Graph`` batch is ``[S, ...]`` with every sub-batch padded to the same
+node/edge/graph counts and ``S`` a multiple of the device count; its ``loss`` ``vmap``-s over the leading axis (or
+merges it) and masks the padding. ``example_count`` then returns the number of real graphs.
+
+Registering a task
+------------------
+``config.task`` names the task: a key of :data:`TASKS` or a ``"module.path:ClassName"``. The class is built as
+``Cls(config)`` and reads what it needs from ``config`` (``config.model``, ``config.data``, ...).
+
+>>> from mmjax.train.task import resolve_task_class
+>>> resolve_task_class("classification").__name__
+'ClassificationTask'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+
+#: Built-in tasks, name -> "module:attribute" (imported lazily). Adding a task is one line here, or pass a path.
+TASKS: dict[str, str] = {
+    "classification": "mmjax.train.classification:ClassificationTask",
+    "contrastive": "mmjax.train.contrastive:ContrastiveTask",
+    "node_classification": "mmjax.train.node_classification:NodeClassificationTask",
+}
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the engine needs from a task; see the module docstring for the full contract."""
+
+    num_train_examples: int
+
+    def init_params(self, rng: Any, batch: Any) -> Any:
+        """Returns the initial ``params`` pytree, given a PRNG key and one host batch (for shapes)."""
+
+    def loss(self, params: Any, batch: Any, rng: Any, *, train: bool, axis_name: str | None):
+        """Returns ``(scalar_loss, {metric_name: scalar})`` on a device-local (pmap) or global batch."""
+
+    def eval_metrics(self, params: Any, batch: Any, *, axis_name: str | None) -> dict:
+        """Returns sums over the batch, including ``"count"`` (real examples, padding excluded)."""
+
+    def train_batches(self, start_step: int) -> Iterator[Any]:
+        """Yields the host-local training batch of step ``start_step``, then of each following step."""
+
+    def eval_batches(self) -> Iterable[Any]:
+        """Yields host-local evaluation batches of one shape (last one padded, ``batch["mask"]`` marks real)."""
+
+    def example_count(self, batch: Any) -> int:
+        """Number of real examples in a host batch (for throughput)."""
+
+
+def load_object(path: str, what: str = "object") -> Any:
+    """Imports ``"package.module:attribute"`` and returns the attribute.
+
+    >>> load_object("collections:OrderedDict").__name__
+    'OrderedDict'
+    """
+    if not isinstance(path, str) or ":" not in path:
+        raise ValueError(f"{what}: expected 'package.module:Attribute', got {path!r}")
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what}: cannot import module {module_name!r} from {path!r}: {e}") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r} (from {path!r})")
+    return getattr(module, attr)
+
+
+def resolve_task_class(name: str):
+    """Returns the task class for ``config.task``: a name in :data:`TASKS` or a ``"module:Class"`` path.
+
+    >>> resolve_task_class("classification").__name__
+    'ClassificationTask'
+    """
+    if name in TASKS:
+        return load_object(TASKS[name], "config.task")
+    if isinstance(name, str) and ":" in name:
+        return load_object(name, "config.task")
+    raise ValueError(
+        f"config.task={name!r} is not a known task; valid choices: {sorted(TASKS)} "
+        "or a 'package.module:ClassName' path"
+    )
+
+
+def make_task(config) -> Task:
+    """Builds the task named by ``config.task`` as ``TaskClass(config)``."""
+    return resolve_task_class(config.task)(config)

@@ -1,0 +1,111 @@
+"""The command line: help texts, a tiny training run with overrides, eval, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from mmjax.cli import COMMANDS, apply_overrides, load_config_file, main
+from tests.test_train_models import write_tiny_fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "experiments", "fashion_mnist_vit_quick.py")
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "mmjax", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands_and_options():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for name in COMMANDS:
+        assert name in top.stdout
+    train = run_cli("train", "--help")
+    assert train.returncode == 0
+    for text in ("--config FILE", "--workdir DIR", "--config.KEY=VALUE", "SIGTERM"):
+        assert text in train.stdout
+    ev = run_cli("eval", "--help")
+    assert ev.returncode == 0 and "--workdir DIR" in ev.stdout
+
+
+TINY_CONFIG = '''"""Tiny MLP run for the CLI test: mmjax train --config THIS --workdir DIR (finishes in seconds)."""
+import ml_collections
+from mmjax.train.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = ml_collections.ConfigDict({"name": "tests.test_train_models:TinyMLP", "hidden": 16})
+    config.batch_size, config.eval_batch_size, config.num_steps = 16, 8, 2
+    config.log_every, config.checkpoint_every = 2, 2
+    config.progress, config.tensorboard, config.plot = False, False, False
+    return config
+'''
+
+
+def test_train_then_eval_through_the_cli(tmp_path, capsys):
+    data = write_tiny_fashion_mnist(tmp_path / "fm", n_train=64, n_test=24)
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(TINY_CONFIG)
+    workdir = str(tmp_path / "run")
+    out = run_cli("train", "--config", str(config_file), "--workdir", workdir, f"--config.data.data_dir={data}",
+                  "--config.num_steps=4", "--config.optimizer.lr", "0.003", "--config.model.hidden=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert result["step"] == 4 and result["eval_count"] == 24.0
+    assert "eval accuracy" in out.stdout and workdir in out.stdout
+    saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+    assert saved["optimizer"]["lr"] == 0.003 and saved["model"]["hidden"] == 8 and saved["num_steps"] == 4
+
+    capsys.readouterr()
+    assert main(["eval", "--workdir", workdir]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["step"] == 4
+    assert evaluated["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-6)
+
+
+def test_quick_vit_job_config_runs(tmp_path, capsys):
+    data = write_tiny_fashion_mnist(tmp_path / "fm", n_train=64, n_test=16, size=14)
+    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={data}",
+                 "--config.num_steps=2", "--config.model.width=8", "--config.eval_batch_size=16"])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.rindex("}") + 1])
+    assert result["step"] == 2 and result["eval_count"] == 16.0 and 0 <= result["eval_accuracy"] <= 1
+
+
+def test_cli_errors_are_clear(tmp_path):
+    bad = run_cli("train", "--config", QUICK, "--workdir", str(tmp_path / "w"), "--config.parallel.mode=gpu")
+    assert bad.returncode == 2
+    assert "config.parallel.mode='gpu' is not valid; valid choices" in bad.stderr
+    missing = run_cli("eval", "--workdir", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "not a training run's directory" in missing.stderr
+    assert main(["train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path)]) == 2
+
+
+def test_overrides_are_typed():
+    config = ml_collections.ConfigDict({"lr": 1.0, "steps": 3, "name": "vit", "flag": False, "sub": {"x": (1, 2)}})
+    apply_overrides(config, [("lr", "2"), ("steps", "5"), ("name", "7"), ("flag", "True"), ("sub.x", "[3, 4]"),
+                             ("sub.new", "None")])
+    assert config.lr == 2.0 and isinstance(config.lr, float)
+    assert config.steps == 5 and config.name == "7" and config.flag is True and config.sub.x == (3, 4)
+    assert config.sub.new is None
+    with pytest.raises(ValueError, match=r"--config.steps='2.5': expected an int"):
+        apply_overrides(config, [("steps", "2.5")])
+
+
+def test_experiment_configs_load_and_validate():
+    from mmjax.train.config import prepare_config
+
+    for name in ("fashion_mnist_vit.py", "fashion_mnist_vit_quick.py"):
+        path = os.path.join(REPO, "experiments", name)
+        config = prepare_config(load_config_file(path))
+        assert config.model.name == "vit"
+        doc = open(path).read().split('"""')[1]
+        assert f"mmjax train --config experiments/{name}" in doc  # the docstring gives the command

@@ -1,0 +1,105 @@
+"""The three parallel modes train, agree with each other (8 CPU devices), and reject bad batch sizes early."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax.train import TrainState, make_optimizer, make_plan, make_task, make_train_step, prepare_config, \
+    train_and_evaluate
+from tests.test_train_models import tiny_config, write_tiny_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("fm"))
+
+
+def run_steps(data_dir, mode, steps=3, accum=1, fsdp=False, batch_size=32, **overrides):
+    """Final params after ``steps`` optimizer steps in ``mode`` (canonical, on the host)."""
+    config = prepare_config(tiny_config(
+        data_dir, **{"parallel.mode": mode, "parallel.fsdp": fsdp, "parallel.fsdp_min_size": 16,
+                     "optimizer.grad_accum_steps": accum, "batch_size": batch_size, "num_steps": steps,
+                     **overrides}))
+    plan = make_plan(mode, 0, fsdp, 16)
+    plan.check_batch_size(config.batch_size, accum)
+    task = make_task(config)
+    batches = task.train_batches(0)
+    first = next(task.train_batches(0))
+    params = task.init_params(jax.random.fold_in(jax.random.key(config.seed), 0), first)
+    tx, schedule = make_optimizer(config.optimizer, params, steps)
+    state = TrainState.create(params, tx)
+    step_fn = plan.compile_train_step(make_train_step(task, tx, schedule, plan, accum, config.seed),
+                                      jax.eval_shape(lambda s: s, state))
+    placed = plan.from_canonical(state)
+    losses = []
+    for _ in range(steps):
+        placed, metrics = step_fn(placed, plan.place_batch(next(batches)))
+        loss = np.asarray(metrics["loss"])
+        losses.append(float(loss.reshape(-1)[0]))
+    final = jax.device_get(plan.to_canonical(placed))
+    return final, losses, placed
+
+
+@pytest.mark.parametrize("mode", ["single", "pmap", "sharded"])
+def test_each_mode_trains_and_evaluates(data_dir, tmp_path, mode):
+    result = train_and_evaluate(tiny_config(data_dir, **{"parallel.mode": mode}), str(tmp_path))
+    assert result["step"] == 4 and not result["preempted"]
+    assert np.isfinite(result["train_loss"])
+    assert result["eval_count"] == 20.0  # every test example counted once, padding excluded
+    assert 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+def test_modes_give_same_params_with_and_without_accumulation(data_dir):
+    reference, ref_losses, _ = run_steps(data_dir, "single")
+    assert ref_losses[-1] < ref_losses[0]  # it learns
+    runs = {
+        "pmap": run_steps(data_dir, "pmap"),
+        "sharded": run_steps(data_dir, "sharded"),
+        "pmap+accum2": run_steps(data_dir, "pmap", accum=2),
+        "sharded+fsdp+accum2": run_steps(data_dir, "sharded", accum=2, fsdp=True),
+    }
+    for name, (final, losses, _) in runs.items():
+        assert int(final.step) == 3, name
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-6, err_msg=name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
+                     final.params, reference.params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
+                     final.opt_state, reference.opt_state)
+
+
+def test_fsdp_really_shards_parameters(data_dir):
+    _, _, placed = run_steps(data_dir, "sharded", steps=1, fsdp=True)
+    kernel = placed.params["Dense_0"]["kernel"]  # [64, 16]: 1024 elements >= fsdp_min_size=16
+    assert kernel.sharding.spec != jax.sharding.PartitionSpec()
+    assert len({s.device for s in kernel.addressable_shards}) == 8
+    assert kernel.addressable_shards[0].data.size == kernel.size // 8
+
+
+@pytest.mark.parametrize("mode,batch,accum", [("pmap", 12, 1), ("sharded", 20, 1), ("single", 6, 4)])
+def test_batch_not_divisible_is_a_clear_error(data_dir, tmp_path, mode, batch, accum):
+    config = tiny_config(data_dir, **{"parallel.mode": mode, "batch_size": batch,
+                                      "optimizer.grad_accum_steps": accum})
+    with pytest.raises(ValueError, match=rf"config.batch_size={batch} is not divisible"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()  # failed before building anything
+
+
+def test_plan_rejects_unknown_mode_and_bad_fsdp():
+    with pytest.raises(ValueError, match=r"config.parallel.mode='tpu'.*valid choices"):
+        make_plan("tpu")
+    with pytest.raises(ValueError, match=r"fsdp=True needs config.parallel.mode='sharded'"):
+        make_plan("pmap", fsdp=True)
+    with pytest.raises(ValueError, match=r"num_devices=9"):
+        make_plan("sharded", num_devices=9)
+
+
+def test_seed_determines_init_data_order_and_dropout(data_dir):
+    kwargs = {"model.dropout_rate": 0.5, "data.flip": True, "data.crop_padding": 1}
+    a, losses_a, _ = run_steps(data_dir, "single", steps=2, seed=1, **kwargs)
+    b, losses_b, _ = run_steps(data_dir, "single", steps=2, seed=1, **kwargs)
+    c, losses_c, _ = run_steps(data_dir, "single", steps=2, seed=2, **kwargs)
+    assert losses_a == losses_b
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert losses_a != losses_c
+    assert not np.allclose(a.params["Dense_0"]["kernel"], c.params["Dense_0"]["kernel"])
