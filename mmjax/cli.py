@@ -1,4 +1,4 @@
-"""The ``mmjax`` command line: ``mmjax train``, ``mmjax eval`` (more subcommands register in :data:`COMMANDS`).
+"""The ``mmjax`` command line: ``mmjax train``, ``eval``, ``convert`` and ``bench`` (subcommands live in :data:`COMMANDS`).
 
 ``mmjax train --config experiments/fashion_mnist_vit.py --workdir /tmp/fm --config.batch_size=256``
 
@@ -168,10 +168,82 @@ def _run_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- convert
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR",
+                     help="a Hugging Face CLIP directory (config.json + model.safetensors or pytorch_model.bin)")
+    src.add_argument("--to-hf", metavar="DIR",
+                     help="an mmjax directory written by 'mmjax convert --from-hf' (mmjax_config.json + "
+                          "params.safetensors), written back in the Hugging Face layout")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.epilog = ("--from-hf writes params.safetensors (flat 'a/b/c' keys of the mmjax parameter tree) and "
+                "mmjax_config.json; load them with mmjax.convert.hf_clip.load_dir(DIR). --to-hf writes model.safetensors "
+                "+ config.json that transformers.CLIPModel.from_pretrained(DIR) loads. Weights are read without "
+                "unpickling (safetensors; pytorch_model.bin only through torch.load(weights_only=True)). "
+                "ViT checkpoints: use mmjax.convert.from_hf(DIR) in Python.")
+
+
+def _run_convert(args) -> int:
+    from mmjax.convert import hf_clip
+    from mmjax.convert.io import load_config
+
+    if args.from_hf:
+        model_type = load_config(args.from_hf).get("model_type")
+        if model_type != "clip":
+            raise ValueError(f"--from-hf {args.from_hf!r}: config.json has model_type {model_type!r}; the command "
+                             "line converts 'clip' checkpoints (for 'vit' use mmjax.convert.from_hf in Python)")
+        config = hf_clip.convert_hf_dir(args.from_hf, args.out)
+        print(f"converted {args.from_hf} -> {args.out} (mmjax CLIP, vision width {config.vision_width}, "
+              f"text width {config.text_width}, embedding {config.embed_dim})")
+    else:
+        config, params = hf_clip.load_dir(args.to_hf)
+        hf_clip.to_hf_dir(config, params, args.out)
+        print(f"wrote the Hugging Face layout of {args.to_hf} to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+BENCHMARKS = ("attention", "vit", "gnn", "clip")
+
+
+def _experiments_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark: experiments/bench_NAME.py")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="arguments passed to the benchmark (see 'mmjax bench NAME --help'), e.g. --json out.json")
+    p.epilog = ("Each benchmark runs mmjax and its reference (jax.nn / torch SDPA, transformers, PyTorch Geometric) in "
+                "one run and prints a table of times with ratios ours / reference. Needs a source checkout "
+                "(experiments/) and the test extra (pip install -e '.[test]').")
+
+
+def _run_bench(args) -> int:
+    import runpy
+
+    path = os.path.join(_experiments_dir(), f"bench_{args.name}.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"bench {args.name!r}: {path} not found; benchmarks live in a source checkout's experiments/")
+    saved = sys.argv
+    sys.argv = [path, *args.bench_args]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
 #: Subcommands: name -> (one-line help, add_arguments(parser), run(args) -> exit code).
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a config (resumes from the workdir's latest checkpoint)", _add_train_args, _run_train),
     "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
+    "convert": ("convert CLIP weights between Hugging Face and mmjax layouts", _add_convert_args, _run_convert),
+    "bench": ("run a benchmark of mmjax against its reference (experiments/bench_NAME.py)", _add_bench_args,
+              _run_bench),
 }
 
 
@@ -182,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     '/tmp/run'
     """
     parser = argparse.ArgumentParser(
-        prog="mmjax", description="mmjax: multimodal models in JAX/Flax - training and evaluation.")
+        prog="mmjax", description="mmjax: multimodal models in JAX/Flax - train, evaluate, convert weights, benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

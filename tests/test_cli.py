@@ -109,3 +109,17 @@ def test_experiment_configs_load_and_validate():
         assert config.model.name == "vit"
         doc = open(path).read().split('"""')[1]
         assert f"mmjax train --config experiments/{name}" in doc  # the docstring gives the command
+
+
+def test_convert_and_bench_help_and_bench_runs():
+    conv = run_cli("convert", "--help")
+    assert conv.returncode == 0
+    for text in ("--from-hf DIR", "--to-hf DIR", "--out DIR", "weights_only=True"):
+        assert text in conv.stdout
+    bench = run_cli("bench", "--help")
+    assert bench.returncode == 0 and "attention,vit,gnn,clip" in bench.stdout
+    assert run_cli("bench", "nope").returncode == 2
+    # A real (tiny) benchmark run through the command line: mmjax's attention alone at T=64, forward only.
+    tiny = run_cli("bench", "attention", "--lengths", "64", "--causal", "0", "--modes", "fwd", "--impls", "mmjax")
+    assert tiny.returncode == 0, tiny.stderr
+    assert "\"impl\": \"mmjax\", \"T\": 64" in tiny.stdout
