@@ -27,7 +27,11 @@ import ml_collections
 
 
 def parse_override_value(text: str):
-    """A command-line value as a Python literal when it is one, else the string itself."""
+    """A command-line value as a Python literal when it is one, else the string itself.
+
+    >>> parse_override_value("3e-4"), parse_override_value("[1, 2]"), parse_override_value("adamw")
+    (0.0003, [1, 2], 'adamw')
+    """
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -277,7 +277,12 @@ def get_config(name: str, **overrides) -> CLIPConfig:
 
 
 def as_config(config: Any) -> CLIPConfig:
-    """A :class:`CLIPConfig` from a CLIPConfig, a name in :data:`CONFIGS`, a dict or a ConfigDict."""
+    """A :class:`CLIPConfig` from a CLIPConfig, a name in :data:`CONFIGS`, a dict or a ConfigDict.
+
+    >>> cfg = as_config("tiny")
+    >>> as_config(cfg.to_dict()) == cfg, as_config(cfg) is cfg, cfg.embed_dim
+    (True, True, 16)
+    """
     if isinstance(config, CLIPConfig):
         return config
     if isinstance(config, str):
@@ -311,6 +316,12 @@ class CLIPOutput:
       logits_per_text: its transpose, ``[B_t, B_i]``.
       logit_scale: the scale used, ``exp(min(logit_scale, max_logit_scale))`` (scalar).
       logit_bias: the bias used (scalar), or ``None``.
+
+    >>> model = CLIP("tiny")
+    >>> images, ids = jnp.zeros((3, 16, 16, 3)), jnp.ones((2, 4), jnp.int32)
+    >>> out = model.apply(model.init(jax.random.key(0), images, ids), images, ids)
+    >>> out.image_embeds.shape, out.logits_per_text.shape, out.logit_bias is None
+    ((3, 16), (2, 3), True)
     """
 
     image_embeds: Array

@@ -110,6 +110,14 @@ class GCNAdjacency(NamedTuple):
     the same edges sorted by sender (``t_senders``, ``t_receivers``, ``t_weights``).
 
     ``(A @ x)[i] = sum_{e: receivers[e] = i} weights[e] x[senders[e]]``. Build it with :func:`gcn_adjacency`.
+
+    >>> g = gr.Graph(nodes=np.zeros((2, 1)), senders=np.array([1]), receivers=np.array([0]),
+    ...              n_node=np.array([2]), n_edge=np.array([1]))
+    >>> adj = gcn_adjacency(g)  # the edge 1 -> 0 plus a self-loop on each node
+    >>> adj._fields[:3], adj.senders.tolist(), adj.receivers.tolist()
+    (('senders', 'receivers', 'weights'), [1, 0, 1], [0, 0, 1])
+    >>> propagate(jnp.ones((2, 1)), adj.senders, adj.receivers, adj.weights, 2).round(4).tolist()
+    [[1.2071], [1.0]]
     """
 
     senders: Any

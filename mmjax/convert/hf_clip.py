@@ -200,6 +200,13 @@ def params_from_hf(state_dict: Mapping[str, Any], config: CLIPConfig, dtype: Any
 
     Raises:
       ValueError: naming unknown, missing and mis-shaped keys.
+
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> sd = {k: np.zeros(shape, np.float32) for k, shape in hf_shapes(cfg).items()}
+    >>> params = params_from_hf(sd, cfg)
+    >>> sorted(params), params["vision"]["embedding"]["kernel"].shape
+    (['logit_scale', 'text', 'text_projection', 'vision', 'visual_projection'], (8, 8, 3, 32))
     """
     sd = _drop_buffers(to_numpy_state_dict(state_dict))
     check_state_dict(sd, hf_shapes(config), what="Hugging Face CLIP state dict")
@@ -237,6 +244,15 @@ def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str,
 
     Raises:
       ValueError: if ``params`` has a ``logit_bias`` (Hugging Face CLIP has none) or does not match ``config``.
+
+    A round trip through :func:`params_from_hf`:
+
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> sd = {k: np.zeros(shape, np.float32) for k, shape in hf_shapes(cfg).items()}
+    >>> back = to_hf_state_dict(params_from_hf(sd, cfg), cfg)
+    >>> sorted(back) == sorted(sd), back["vision_model.embeddings.patch_embedding.weight"].shape
+    (True, (32, 3, 8, 8))
     """
     p = _tree_map(np.asarray, dict(params))
     if "logit_bias" in p:
@@ -287,6 +303,15 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any, **model_optio
         from mmjax.convert import from_hf
         model, params = from_hf("clip-vit-base-patch32")      # a local Hugging Face directory
         out = model.apply({"params": params}, images, ids)
+
+    Directly, on a state dict of zeros:
+
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> sd = {k: np.zeros(shape, np.float32) for k, shape in hf_shapes(cfg).items()}
+    >>> model, params = from_hf_state_dict(sd, cfg, scan=True)
+    >>> model.config.scan, params["text"]["token_embedding"]["embedding"].shape
+    (True, (64, 32))
     """
     unknown = sorted(set(model_options) - set(_CONFIG_OPTIONS) - {"dtype", "param_dtype"})
     if unknown:
@@ -303,6 +328,15 @@ def to_hf_dir(model_config: Any, params: Mapping[str, Any], out_dir: str | os.Pa
     """Write ``model.safetensors`` + ``config.json`` that ``transformers.CLIPModel.from_pretrained`` loads.
 
     ``model_config``: a :class:`~mmjax.clip.CLIPConfig`, a config name, or a :class:`~mmjax.clip.CLIP` model.
+
+    >>> import tempfile
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> params = params_from_hf({k: np.zeros(s, np.float32) for k, s in hf_shapes(cfg).items()}, cfg)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     to_hf_dir("tiny", params, d)
+    ...     sorted(os.listdir(d))
+    ['config.json', 'model.safetensors']
     """
     cfg = _config_of(model_config)
     save_hf_dir(out_dir, to_hf_state_dict(params, cfg), cfg.to_hf_dict())
@@ -345,7 +379,17 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_dir(config: CLIPConfig, params: Mapping[str, Any], out_dir: str | os.PathLike) -> None:
-    """Write mmjax's format: ``params.safetensors`` (flat ``a/b/c`` keys) and ``mmjax_config.json``."""
+    """Write mmjax's format: ``params.safetensors`` (flat ``a/b/c`` keys) and ``mmjax_config.json``.
+
+    >>> import tempfile
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> params = params_from_hf({k: np.zeros(s, np.float32) for k, s in hf_shapes(cfg).items()}, cfg)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_dir(cfg, params, d)
+    ...     sorted(os.listdir(d))
+    ['mmjax_config.json', 'params.safetensors']
+    """
     from safetensors.numpy import save_file
 
     out_dir = os.fspath(out_dir)
@@ -357,7 +401,18 @@ def save_dir(config: CLIPConfig, params: Mapping[str, Any], out_dir: str | os.Pa
 
 
 def load_dir(directory: str | os.PathLike) -> tuple[CLIPConfig, dict[str, Any]]:
-    """Read what :func:`save_dir` / :func:`convert_hf_dir` wrote: ``(CLIPConfig, params)``."""
+    """Read what :func:`save_dir` / :func:`convert_hf_dir` wrote: ``(CLIPConfig, params)``.
+
+    >>> import tempfile
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> params = params_from_hf({k: np.zeros(s, np.float32) for k, s in hf_shapes(cfg).items()}, cfg)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_dir(cfg, params, d)
+    ...     cfg2, params2 = load_dir(d)
+    >>> cfg2 == cfg, params2["text"]["pos_embedding"].shape == params["text"]["pos_embedding"].shape
+    (True, True)
+    """
     from safetensors.numpy import load_file
 
     directory = os.fspath(directory)
@@ -376,6 +431,19 @@ def convert_hf_dir(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> CL
     """Convert a Hugging Face CLIP directory to mmjax's format in ``out_dir`` (see :func:`save_dir`).
 
     Returns the :class:`~mmjax.clip.CLIPConfig`; :func:`load_dir` reads the result back.
+
+    A Hugging Face directory written by :func:`to_hf_dir`, converted and read back:
+
+    >>> import tempfile
+    >>> from mmjax.clip import get_config
+    >>> cfg = get_config("tiny")
+    >>> params = params_from_hf({k: np.zeros(s, np.float32) for k, s in hf_shapes(cfg).items()}, cfg)
+    >>> with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as out:
+    ...     to_hf_dir(cfg, params, src)
+    ...     converted = convert_hf_dir(src, out)
+    ...     loaded_cfg, loaded = load_dir(out)
+    >>> converted.embed_dim, loaded_cfg == converted, sorted(loaded) == sorted(params)
+    (16, True, True)
     """
     model, params = from_hf_state_dict(load_state_dict(src_dir), load_config(src_dir))
     cfg = _config_of(model)

@@ -91,6 +91,13 @@ class CaptionedImages(NamedTuple):
       item, colour, size, position: ``int32 [N]`` indices into ``ITEM_NAMES``, ``COLOUR_NAMES``, ``SIZE_NAMES``,
         ``POSITION_NAMES``.
       source_index: ``int32 [N]`` row of the Fashion-MNIST split the item was taken from.
+
+    >>> src = (np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 7]))
+    >>> data = make_captions("train", 3, source=src, image_size=32)
+    >>> data.images.shape, len(data.captions), data.item.dtype, sorted(data.source_index.tolist())
+    ((3, 32, 32, 3), 3, dtype('int32'), [0, 1, 2])
+    >>> data.captions[0] == caption(data.item[0], data.colour[0], data.size[0], data.position[0])
+    True
     """
 
     images: np.ndarray

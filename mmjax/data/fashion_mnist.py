@@ -49,6 +49,13 @@ def read_idx(path: str) -> np.ndarray:
 
     Raises:
       ValueError: naming ``path`` if the magic number, header or data length is wrong (corrupt or truncated file).
+
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = os.path.join(d, "labels-idx1-ubyte")
+    ...     write_idx(path, np.array([3, 1, 4], np.uint8))
+    ...     read_idx(path)
+    array([3, 1, 4], dtype=uint8)
     """
     try:
         with _open(path) as f:

@@ -325,6 +325,16 @@ class TFDSImageText(_SkipsCorrupt):
     Raises:
       FileNotFoundError: if the dataset is not prepared (with the command that prepares it).
       ValueError: unknown split or missing features.
+
+    Reading needs a prepared copy; without one the error says how to prepare it:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     try:
+    ...         TFDSImageText("no_such_dataset", "train", data_dir=d)
+    ...     except FileNotFoundError as e:
+    ...         print("tfds build no_such_dataset --file_format=array_record" in str(e))
+    True
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",

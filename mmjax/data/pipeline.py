@@ -81,6 +81,16 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     Raises:
       FileNotFoundError: if the dataset is not prepared (with the command that prepares it).
       ValueError: if the dataset has no ``image``/``label`` features, or the split does not exist.
+
+    Reading needs a prepared copy of a known TFDS dataset; an unknown name is refused:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     try:
+    ...         tfds_source("no_such_dataset", "train", data_dir=d)
+    ...     except ValueError as e:
+    ...         print(str(e).split(";")[0])
+    config.data.name='no_such_dataset': not a TFDS dataset (DatasetNotFoundError)
     """
     import tensorflow_datasets as tfds
 

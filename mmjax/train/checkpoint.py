@@ -29,6 +29,15 @@ class Checkpointer:
     Args:
       directory: where checkpoints live (created if missing).
       keep: how many of the most recent checkpoints to keep (``>= 1``).
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     ckpt = Checkpointer(d, keep=2)
+    ...     for step in (1, 2, 3):
+    ...         ckpt.save(step, {"w": jnp.full(2, float(step))})
+    ...     print(ckpt.all_steps(), ckpt.restore({"w": jnp.zeros(2)}, step=2)["w"].tolist())
+    ...     ckpt.close()
+    [2, 3] [2.0, 2.0]
     """
 
     def __init__(self, directory: str, keep: int = 3):
