@@ -116,7 +116,7 @@ class GCNAdjacency(NamedTuple):
     >>> adj = gcn_adjacency(g)  # the edge 1 -> 0 plus a self-loop on each node
     >>> adj._fields[:3], adj.senders.tolist(), adj.receivers.tolist()
     (('senders', 'receivers', 'weights'), [1, 0, 1], [0, 0, 1])
-    >>> propagate(jnp.ones((2, 1)), adj.senders, adj.receivers, adj.weights, 2).round(4).tolist()
+    >>> np.round(np.asarray(propagate(jnp.ones((2, 1)), adj.senders, adj.receivers, adj.weights, 2)), 4).tolist()
     [[1.2071], [1.0]]
     """
 
