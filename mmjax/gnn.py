@@ -116,8 +116,9 @@ class GCNAdjacency(NamedTuple):
     >>> adj = gcn_adjacency(g)  # the edge 1 -> 0 plus a self-loop on each node
     >>> adj._fields[:3], adj.senders.tolist(), adj.receivers.tolist()
     (('senders', 'receivers', 'weights'), [1, 0, 1], [0, 0, 1])
-    >>> np.round(np.asarray(propagate(jnp.ones((2, 1)), adj.senders, adj.receivers, adj.weights, 2)), 4).tolist()
-    [[1.2071], [1.0]]
+    >>> out = propagate(jnp.ones((2, 1)), adj.senders, adj.receivers, adj.weights, 2)
+    >>> [round(float(v), 4) for v in out[:, 0]]
+    [1.2071, 1.0]
     """
 
     senders: Any
