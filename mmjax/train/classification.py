@@ -26,7 +26,15 @@ MODELS = {"vit": "mmjax.vit:ViT"}
 
 
 def build_model_class(model_config):
-    """The model class named by ``config.model.name`` (a key of :data:`MODELS` or ``"module:Class"``)."""
+    """The model class named by ``config.model.name`` (a key of :data:`MODELS` or ``"module:Class"``).
+
+    >>> build_model_class({"name": "vit"}).__name__, build_model_class({"name": "flax.linen:Dense"}).__name__
+    ('ViT', 'Dense')
+    >>> build_model_class({"name": "resnet"})
+    Traceback (most recent call last):
+    ...
+    ValueError: config.model.name='resnet' is not valid; valid choices: ['vit'] or a 'package.module:Class' path
+    """
     name = model_config.get("name", None)
     if name in MODELS:
         return load_object(MODELS[name], "config.model.name")
@@ -72,6 +80,30 @@ class ClassificationTask:
     ``config.batch_size``, ``config.eval_batch_size``, ``config.seed`` and ``config.label_smoothing``.
     Batches: ``{"image": uint8 [B, H, W, C], "label": int32 [B]}`` (+ ``"mask"`` float32 [B] for evaluation).
     A full run is shown in :func:`mmjax.train.train_and_evaluate`.
+
+    A tiny ViT on eight 8x8 images (written as Fashion-MNIST IDX files), one loss and one evaluation batch:
+
+    >>> import os, tempfile
+    >>> from mmjax.data import write_idx
+    >>> from mmjax.train.config import prepare_config
+    >>> data, rng = tempfile.mkdtemp(), np.random.default_rng(0)
+    >>> for prefix in ("train", "t10k"):
+    ...     write_idx(os.path.join(data, f"{prefix}-images-idx3-ubyte"), rng.integers(0, 255, (8, 8, 8), np.uint8))
+    ...     write_idx(os.path.join(data, f"{prefix}-labels-idx1-ubyte"), rng.integers(0, 10, 8).astype(np.uint8))
+    >>> config = prepare_config({"model": {"name": "vit", "variant": None, "width": 8, "depth": 1, "num_heads": 1,
+    ...                                    "mlp_dim": 8, "patch_size": 4}, "data": {"data_dir": data},
+    ...                          "batch_size": 4, "eval_batch_size": 8})
+    >>> task = ClassificationTask(config)
+    >>> batch = next(iter(task.train_batches(0)))
+    >>> task.num_classes, task.num_train_examples, batch["image"].shape, batch["label"].shape
+    (10, 8, (4, 8, 8, 1), (4,))
+    >>> params = jax.eval_shape(task.init_params, jax.random.key(0), batch)  # shapes only: nothing compiles
+    >>> loss, metrics = jax.eval_shape(lambda p: task.loss(p, batch, jax.random.key(1), train=False), params)
+    >>> loss.shape, sorted(metrics)
+    ((), ['accuracy'])
+    >>> eval_batch = next(iter(task.eval_batches()))
+    >>> sorted(jax.eval_shape(task.eval_metrics, params, eval_batch)), int(eval_batch["mask"].sum())
+    (['accuracy', 'count', 'loss'], 8)
     """
 
     unit = "img"

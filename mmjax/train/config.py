@@ -29,7 +29,12 @@ STRICT_SECTIONS = ("optimizer", "parallel")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """All engine settings with their defaults (see the comments for meaning)."""
+    """All engine settings with their defaults (see the comments for meaning).
+
+    >>> cfg = default_config()
+    >>> cfg.batch_size, cfg.optimizer.lr, cfg.parallel.mode
+    (128, 0.001, 'single')
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0  # initialisation, data order, augmentation and dropout all derive from it
     c.task = "classification"  # a name in mmjax.train.task.TASKS or "module:Class"
@@ -111,7 +116,15 @@ def _is_num(x) -> bool:
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Checks the engine settings; raises ``ValueError`` naming the key, the value and what is valid."""
+    """Checks the engine settings; raises ``ValueError`` naming the key, the value and what is valid.
+
+    >>> validate_config(default_config())  # the defaults are valid: returns None
+    >>> cfg = default_config(); cfg.batch_size = 0
+    >>> validate_config(cfg)
+    Traceback (most recent call last):
+    ...
+    ValueError: config.batch_size=0 is not valid; expected an int > 0
+    """
     if c.parallel.mode not in MODES:
         raise ValueError(f"config.parallel.mode={c.parallel.mode!r} is not valid; valid choices: {list(MODES)}")
     _check(_is_int(c.parallel.num_devices) and c.parallel.num_devices >= 0, "parallel.num_devices",
@@ -159,7 +172,11 @@ def prepare_config(config) -> ml_collections.ConfigDict:
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
-    """The config as JSON (tuples become lists)."""
+    """The config as JSON (tuples become lists).
+
+    >>> json.loads(to_json(ml_collections.ConfigDict({"seed": 0, "rules": (("bias", 0.0),)})))
+    {'rules': [['bias', 0.0]], 'seed': 0}
+    """
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 

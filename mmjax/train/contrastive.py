@@ -211,6 +211,30 @@ class ContrastiveTask:
     split and ``heldout_item_accuracy``, ``heldout_colour_accuracy``, ``heldout_combo_accuracy`` on the held-out
     combinations (prompt-ensembled class embeddings, :data:`mmjax.data.captions.ZERO_SHOT_TEMPLATES`).
     :meth:`final_report` adds full-set retrieval recall, a linear probe and the plots.
+
+    A one-block CLIP on 16x16 captioned images, made from ten Fashion-MNIST-format images written as IDX files:
+
+    >>> import os, tempfile
+    >>> from mmjax.data import write_idx
+    >>> from mmjax.train.config import prepare_config
+    >>> data = tempfile.mkdtemp()
+    >>> for prefix in ("train", "t10k"):  # one image of each of the ten items
+    ...     write_idx(os.path.join(data, f"{prefix}-images-idx3-ubyte"), np.full((10, 28, 28), 200, np.uint8))
+    ...     write_idx(os.path.join(data, f"{prefix}-labels-idx1-ubyte"), np.arange(10, dtype=np.uint8))
+    >>> config = prepare_config({
+    ...     "task": "contrastive", "batch_size": 4, "eval_batch_size": 4,
+    ...     "model": {"name": "clip", "preset": "tiny", "context_length": 16, "vision_depth": 1, "text_depth": 1},
+    ...     "data": {"name": "fashion_mnist_captions", "data_dir": data, "image_size": 16, "num_train": 8,
+    ...              "num_test": 4, "num_heldout": 4},
+    ...     "contrastive": {"final_report": False}})
+    >>> task = ContrastiveTask(config)
+    >>> batch = next(task.train_batches(0))
+    >>> batch["image"].shape, batch["ids"].shape, batch["ids"].dtype
+    ((4, 16, 16, 3), (4, 16), dtype('int32'))
+    >>> params = jax.eval_shape(task.init_params, jax.random.key(0), batch)  # shapes only: nothing compiles
+    >>> loss, metrics = jax.eval_shape(lambda p: task.loss(p, batch, jax.random.key(1), train=False), params)
+    >>> sorted(params), loss.shape, loss.dtype
+    (['logit_scale', 'text', 'text_projection', 'vision', 'visual_projection'], (), dtype('float32'))
     """
 
     unit = "pairs"

@@ -47,6 +47,22 @@ def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
     The dropout key of step ``t`` is ``fold_in(fold_in(key(seed), 1), t)`` (and the device index under pmap).
     With ``accum > 1`` the batch is split into ``accum`` micro-batches (see
     :func:`mmjax.train.parallel.split_micro_batches`) whose gradients are averaged with a ``lax.scan``.
+
+    Metrics of a step: the task's, plus ``loss``, ``grad_norm`` (global L2 norm of the averaged gradient) and ``lr``.
+    A least-squares "task" with ``w = 0``: the gradient of ``mean((x w - y)^2)`` is ``-2`` per weight, so SGD with
+    learning rate 0.1 moves ``w`` to 0.2:
+
+    >>> class LeastSquares:
+    ...     def loss(self, params, batch, rng, *, train, axis_name):
+    ...         return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
+    >>> tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    >>> step = jax.jit(make_train_step(LeastSquares(), tx, schedule, make_plan("single"), accum=2, seed=0))
+    >>> state = TrainState.create({"w": jnp.zeros(2)}, tx)
+    >>> state, metrics = step(state, {"x": jnp.ones((4, 2)), "y": jnp.ones(4)})
+    >>> int(state.step), [round(float(w), 4) for w in state.params["w"]], round(float(metrics["loss"]), 4)
+    (1, [0.2, 0.2], 1.0)
+    >>> sorted(metrics), round(float(metrics["grad_norm"]), 4)
+    (['grad_norm', 'loss', 'lr'], 2.8284)
     """
     axis_name = plan.axis_name
     groups = plan.num_devices if plan.mode == "sharded" else 1
@@ -273,7 +289,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def load_config(workdir: str):
-    """The config a run saved in ``workdir/config.json`` (see :func:`train_and_evaluate`)."""
+    """The config a run saved in ``workdir/config.json`` (see :func:`train_and_evaluate`).
+
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    ...     _ = f.write(to_json(prepare_config({"batch_size": 64})))
+    >>> load_config(workdir).batch_size
+    64
+    """
     path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
     if not os.path.exists(path):
         raise ValueError(f"workdir {workdir!r} has no {CONFIG_FILE}: it is not a training run's directory")

@@ -38,6 +38,15 @@ class MetricLogger:
       progress: show the tqdm bar.
       tensorboard: write TensorBoard events (tensorboardX).
       unit: what an example is called in the bar ("img", "graph", "pair").
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> log = MetricLogger(d, total_steps=10, progress=False, tensorboard=False)
+    >>> log.write(1, "train", {"loss": np.float32(0.5), "accuracy": 1})
+    {'loss': 0.5, 'accuracy': 1.0}
+    >>> log.close(plot=False)
+    >>> print(open(os.path.join(d, "metrics.jsonl")).read().strip())
+    {"step": 1, "split": "train", "loss": 0.5, "accuracy": 1.0}
     """
 
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, examples_per_step: int = 1,
@@ -114,7 +123,15 @@ def _to_float(v):
 
 
 def read_metrics(path: str) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file (skipping a torn last line)."""
+    """All records of a ``metrics.jsonl`` file (skipping a torn last line).
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write('{"step": 1, "split": "train", "loss": 2.0}\\n{"step": 2, "spl')  # killed mid-line
+    >>> read_metrics(path)
+    [{'step': 1, 'split': 'train', 'loss': 2.0}]
+    """
     out = []
     if not os.path.exists(path):
         return out
@@ -131,6 +148,15 @@ def plot_curves(jsonl_path: str, png_path: str) -> str:
     """Plots every metric of ``metrics.jsonl`` against the step (one panel per name, train and eval) to a PNG.
 
     Records of a resumed run that repeat a step replace the earlier ones. Returns ``png_path``.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    ...     for step, loss in [(1, 2.0), (2, 1.5), (3, 1.0)]:
+    ...         _ = f.write(json.dumps({"step": step, "split": "train", "loss": loss}) + "\\n")
+    >>> png = plot_curves(os.path.join(d, "metrics.jsonl"), os.path.join(d, "curves.png"))
+    >>> os.path.basename(png), os.path.getsize(png) > 0
+    ('curves.png', True)
     """
     import matplotlib
 

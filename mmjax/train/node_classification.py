@@ -133,6 +133,21 @@ class NodeClassificationTask:
     Batch (the same every step): ``{"graph": Graph, "labels": int32 [N], "train_mask": float32 [N],
     "test_mask": float32 [N]}`` plus ``"adjacency"`` (:class:`mmjax.gnn.GCNAdjacency`) when the model takes one.
     A full run: ``experiments/karate_gcn.py``.
+
+    >>> import ml_collections
+    >>> cfg = ml_collections.ConfigDict({"model": {"name": "gcn", "hidden": 4}, "data": {"name": "karate_club"},
+    ...                                  "parallel": {"mode": "single"}, "batch_size": 1, "eval_batch_size": 1,
+    ...                                  "label_smoothing": 0.0, "seed": 0, "plot": False})
+    >>> task = NodeClassificationTask(cfg)
+    >>> batch = next(task.train_batches(0))
+    >>> batch["labels"].shape, batch["train_mask"].shape, "adjacency" in batch
+    ((34,), (34,), True)
+    >>> params = jax.eval_shape(task.init_params, jax.random.key(0), batch)  # shapes only: nothing compiles
+    >>> loss, metrics = jax.eval_shape(lambda p: task.loss(p, batch, jax.random.key(1), train=False), params)
+    >>> loss.shape, sorted(metrics)
+    ((), ['accuracy'])
+    >>> sorted(jax.eval_shape(task.eval_metrics, params, batch)), int(batch["test_mask"].sum())  # test nodes count
+    (['accuracy', 'count', 'loss'], 32)
     """
 
     unit = "graph"

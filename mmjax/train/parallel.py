@@ -66,6 +66,16 @@ class Plan:
       devices: the devices used (one for ``"single"``).
       fsdp: shard large state leaves over the mesh (``"sharded"`` only).
       fsdp_min_size: leaves with fewer elements stay replicated.
+
+    A host batch ``[B, ...]`` becomes ``[devices, B // devices, ...]`` under ``"pmap"``; the canonical state gains a
+    leading device axis and loses it again:
+
+    >>> plan = Plan("pmap", jax.local_devices()[:1])
+    >>> plan.num_devices, plan.axis_name, plan.place_batch({"x": np.zeros((4, 3))})["x"].shape
+    (1, 'batch', (1, 4, 3))
+    >>> placed = plan.from_canonical({"w": np.ones(2)})
+    >>> placed["w"].shape, plan.to_canonical(placed)["w"].shape
+    ((1, 2), (2,))
     """
 
     mode: str

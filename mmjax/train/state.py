@@ -21,6 +21,16 @@ class TrainState:
 
     The dropout key and the data order are derived from ``(config.seed, step)``, so they need no storage.
     The optimizer itself (a function) is not part of the state; it is rebuilt from the config.
+
+    It is an immutable pytree (``flax.struct.dataclass``): a step returns a new state with ``replace``.
+
+    >>> tx = optax.sgd(0.5)
+    >>> state = TrainState.create({"w": jnp.ones(2)}, tx)
+    >>> updates, opt_state = tx.update({"w": jnp.ones(2)}, state.opt_state)
+    >>> state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    ...                       opt_state=opt_state)
+    >>> int(state.step), state.params["w"].tolist()
+    (1, [0.5, 0.5])
     """
 
     step: Any
