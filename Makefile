@@ -27,10 +27,10 @@ $(FMNIST):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
 demo: setup
-	$(BIN)/python -m mmjax train --config experiments/fashion_mnist_vit.py --workdir $(WORKDIR)
+	$(BIN)/python -m mmjax train --config experiments/clip_fashion_mnist.py --workdir $(WORKDIR)
 
 test: setup
-	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -n 2 -q --doctest-modules $(PYTEST_ARGS) mmjax tests
 
 bench: setup
 	$(BIN)/python experiments/bench_attention.py

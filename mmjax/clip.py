@@ -62,6 +62,10 @@ class CLIPConfig:
       embed_dim: the joint embedding width (HF ``projection_dim``).
       image_size, patch_size, num_channels: input images ``[image_size, image_size, num_channels]``.
       vision_width, vision_depth, vision_heads, vision_mlp_dim: image tower sizes (mlp default 4 x width).
+      vision_stem_features: channel widths of a convolutional stem in the image tower (3x3 stride-2 convs, see
+        :class:`mmjax.vit.ViT` ``stem_features``); ``()`` (default) is OpenAI CLIP's plain ViT. A stem makes the
+        tower a hybrid ViT with ``(image_size // (patch_size * 2**len(stem))) ** 2`` tokens; it has no Hugging
+        Face equivalent.
       vocab_size, context_length: text tower vocabulary and number of positions.
       text_width, text_depth, text_heads, text_mlp_dim: text tower sizes (mlp default 4 x width).
       vision_activation, text_activation: MLP activations (``"quick_gelu"`` for OpenAI CLIP).
@@ -88,6 +92,7 @@ class CLIPConfig:
     vision_depth: int = 12
     vision_heads: int = 12
     vision_mlp_dim: int | None = None
+    vision_stem_features: tuple[int, ...] = ()
     vocab_size: int = 49408
     context_length: int = 77
     text_width: int = 512
@@ -113,9 +118,16 @@ class CLIPConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CLIPConfig: {name} must be a positive int, got {value!r}.")
-        if self.image_size % self.patch_size:
+        stem = self.vision_stem_features
+        if isinstance(stem, list):
+            object.__setattr__(self, "vision_stem_features", tuple(stem))
+            stem = self.vision_stem_features
+        if not isinstance(stem, tuple) or any(not isinstance(f, int) or f < 1 for f in stem):
+            raise ValueError(f"CLIPConfig: vision_stem_features must be a tuple of positive ints, got {stem!r}.")
+        if self.image_size % self.token_stride:
             raise ValueError(
-                f"CLIPConfig: image_size={self.image_size} is not divisible by patch_size={self.patch_size}."
+                f"CLIPConfig: image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+                + (f" x stem stride {2 ** len(stem)}" if stem else "") + "."
             )
         for tower in ("vision", "text"):
             w, h = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
@@ -127,9 +139,14 @@ class CLIPConfig:
             raise ValueError(f"CLIPConfig: eot_id={self.eot_id} must be in [0, vocab_size={self.vocab_size}).")
 
     @property
+    def token_stride(self) -> int:
+        """Pixels per image token along each side: ``patch_size * 2 ** len(vision_stem_features)``."""
+        return self.patch_size * 2 ** len(self.vision_stem_features)
+
+    @property
     def num_patches(self) -> int:
-        """Patches per image: ``(image_size // patch_size) ** 2``."""
-        return (self.image_size // self.patch_size) ** 2
+        """Image tokens (patches) per image: ``(image_size // token_stride) ** 2``."""
+        return (self.image_size // self.token_stride) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of all fields."""
@@ -210,6 +227,9 @@ class CLIPConfig:
                              "Hugging Face CLIP pools at the end-of-text token ('eot' or 'argmax').")
         if self.logit_bias_init is not None:
             raise ValueError("to_hf_dict: Hugging Face CLIPModel has no logit_bias; use logit_bias_init=None.")
+        if self.vision_stem_features:
+            raise ValueError(f"to_hf_dict: vision_stem_features={self.vision_stem_features} (a hybrid image tower) "
+                             "has no Hugging Face CLIP equivalent; use vision_stem_features=().")
         return {
             "model_type": "clip",
             "architectures": ["CLIPModel"],
@@ -369,6 +389,7 @@ class CLIP(nn.Module):
             num_heads=cfg.vision_heads,
             mlp_dim=cfg.vision_mlp_dim or 4 * cfg.vision_width,
             patch_size=cfg.patch_size,
+            stem_features=cfg.vision_stem_features,
             posemb="learn",
             class_token=True,
             cls_posemb=True,

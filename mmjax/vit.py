@@ -3,6 +3,7 @@ checkpoints need (big_vision, Hugging Face ViT, OpenAI CLIP's image tower).
 
 Parameter tree of :class:`ViT` (names a converter maps to)::
 
+    stem_conv_{i}/{kernel,bias}  convolutional stem: 3x3 stride-2 convs              (stem_features, hybrid ViT)
     embedding/{kernel,bias}   patch embedding, nn.Conv kernel [patch, patch, channels, width] (bias if patch_bias)
     cls                       class token [1, 1, width]                       (class_token=True)
     pos_embedding             learned position embedding [1, tokens, width]   (posemb="learn"; tokens include the
@@ -131,7 +132,8 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer: patches -> (class token) -> position embedding -> pre-LN encoder -> pool -> head.
+    """Vision Transformer: (conv stem) -> patches -> (class token) -> position embedding -> pre-LN encoder -> pool
+    -> head.
 
     Sizes come from ``variant`` (see :func:`decode_variant`); any of ``width``, ``depth``, ``num_heads``,
     ``mlp_dim``, ``patch_size`` given explicitly overrides it (``variant=None`` needs all five).
@@ -153,6 +155,10 @@ class ViT(nn.Module):
         pooling (HF ViTModel's pooler).
       representation_activation: activation name of the representation layer (``"tanh"``).
       patch_bias: bias in the patch embedding (False for CLIP).
+      stem_features: channel widths of an optional convolutional stem before the patch embedding, one 3x3
+        stride-2 conv + GELU each (the hybrid ViT of Dosovitskiy et al. section 3.1, with the small conv stem of
+        Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). With ``k`` stem convs and
+        ``patch_size=p`` a token covers ``2^k * p`` pixels per side; ``()`` (default) is the plain ViT.
       activation, layer_norm_eps, dropout_rate, attention_dropout_rate, drop_path_rate, attention_bias, remat, scan,
         attention_implementation: encoder options, see :class:`mmjax.layers.Encoder`. ``dropout_rate`` also
         applies to the embedded tokens.
@@ -194,6 +200,7 @@ class ViT(nn.Module):
     representation_size: int | None = None
     representation_activation: str = "tanh"
     patch_bias: bool = True
+    stem_features: tuple[int, ...] = ()
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
     dropout_rate: float = 0.0
@@ -242,6 +249,10 @@ class ViT(nn.Module):
                 raise ValueError(f"ViT: {name}={value!r} is not valid; expected one of {list(valid)}.")
         if self.pool_type == "token" and not self.class_token:
             raise ValueError("ViT: pool_type='token' needs class_token=True; use pool_type='gap' or 'map'.")
+        if any(not isinstance(f, int) or f < 1 for f in self.stem_features):
+            raise ValueError(
+                f"ViT: stem_features must be a tuple of positive ints (channel widths), got {self.stem_features!r}."
+            )
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"ViT: num_classes must be an int >= 0 (0 = no head), got {self.num_classes!r}.")
         get_activation(self.activation)
@@ -255,12 +266,21 @@ class ViT(nn.Module):
                 f"(rank {images.ndim}); add a batch axis or a channel axis."
             )
         h, w = images.shape[1:3]
-        if h % patch or w % patch:
+        if self.stem_features:  # each stride-2 'SAME' conv maps n pixels to ceil(n / 2)
+            for _ in self.stem_features:
+                h, w = -(-h // 2), -(-w // 2)
+            if h % patch or w % patch:
+                raise ValueError(
+                    f"ViT: the conv stem maps images {images.shape[1]}x{images.shape[2]} (images.shape="
+                    f"{images.shape}) to {h}x{w}, which is not divisible by patch_size={patch}; resize or crop the "
+                    f"images, or change patch_size or stem_features."
+                )
+        elif h % patch or w % patch:
             raise ValueError(
                 f"ViT: image size {h}x{w} (images.shape={images.shape}) is not divisible by patch_size={patch}; "
                 f"resize or crop the images to a multiple of {patch}."
             )
-        if self.has_variable("params", "embedding"):
+        if self.has_variable("params", "embedding") and not self.stem_features:
             kernel = self.get_variable("params", "embedding")["kernel"]
             if kernel.shape[2] != images.shape[3]:
                 raise ValueError(
@@ -288,6 +308,14 @@ class ViT(nn.Module):
         deterministic = not train
         out: dict[str, Array] = {}
 
+        x = images
+        for i, features in enumerate(self.stem_features):
+            x = nn.Conv(
+                features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                name=f"stem_conv_{i}",
+            )(x)
+            x = nn.gelu(x, approximate=False)
+
         x = nn.Conv(
             width,
             (patch, patch),
@@ -297,7 +325,7 @@ class ViT(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="embedding",
-        )(images)
+        )(x)
         batch, gh, gw, _ = x.shape
         x = x.reshape(batch, gh * gw, width)
         out["patch_tokens"] = x

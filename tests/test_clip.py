@@ -163,3 +163,22 @@ def test_preprocess_steps():
         preprocess(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="crop size"):
         preprocess(gray, size=8, crop_size=9)
+
+
+def test_hybrid_image_tower_config():
+    """vision_stem_features gives a hybrid (conv-stem) image tower; it has no Hugging Face equivalent."""
+    cfg = get_config("tiny", image_size=32, vision_stem_features=[8, 16])
+    assert cfg.vision_stem_features == (8, 16) and cfg.token_stride == 32 and cfg.num_patches == 1
+    assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
+    model = CLIP(cfg)
+    images, ids = jnp.zeros((2, 32, 32, 3)), jnp.ones((2, 4), jnp.int32)
+    params = model.init(jax.random.key(0), images, ids)["params"]
+    assert params["vision"]["stem_conv_1"]["kernel"].shape == (3, 3, 8, 16)
+    assert params["vision"]["pos_embedding"].shape == (1, 2, 32)  # class token + 1 patch
+    assert model.apply({"params": params}, images, ids).logits_per_image.shape == (2, 2)
+    with pytest.raises(ValueError, match="no Hugging Face CLIP equivalent"):
+        cfg.to_hf_dict()
+    with pytest.raises(ValueError, match="not divisible by patch_size=8 x stem stride 4"):
+        get_config("tiny", image_size=16, vision_stem_features=(8, 16))
+    with pytest.raises(ValueError, match="vision_stem_features must be a tuple of positive ints"):
+        get_config("tiny", vision_stem_features=(8, -1))

@@ -209,3 +209,30 @@ def test_jit_and_grad():
     grads = jax.jit(jax.grad(loss))(params)
     assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
     assert float(jnp.abs(grads["head"]["bias"]).sum()) > 0
+
+
+def test_conv_stem_hybrid_vit():
+    """stem_features: 3x3 stride-2 convs (+GELU) before the patch embedding; tokens shrink by 2 per conv."""
+    model = ViT(num_classes=5, stem_features=(4, 8), **{**TINY, "variant": "mu/1"})
+    x = _images(size=8)
+    params = model.init(jax.random.key(0), x)["params"]
+    assert params["stem_conv_0"]["kernel"].shape == (3, 3, 3, 4)
+    assert params["stem_conv_1"]["kernel"].shape == (3, 3, 4, 8)
+    assert params["embedding"]["kernel"].shape == (1, 1, 8, 16)
+    logits, aux = model.apply({"params": params}, x)
+    assert logits.shape == (2, 5) and aux["patch_tokens"].shape == (2, 4, 16)  # 8x8 -> 4x4 -> 2x2 tokens
+    # The stem is really used: the output depends on the first conv.
+    p2 = jax.tree.map(lambda a: a, params)
+    p2["stem_conv_0"] = {"kernel": params["stem_conv_0"]["kernel"] * 2.0, "bias": params["stem_conv_0"]["bias"]}
+    p2["head"] = {"kernel": jnp.ones_like(params["head"]["kernel"]), "bias": params["head"]["bias"]}
+    p1 = {**params, "head": p2["head"]}
+    assert not np.allclose(model.apply({"params": p1}, x)[0], model.apply({"params": p2}, x)[0])
+    # 'SAME' stride-2 convs round up: 7x7 -> 4x4 -> 2x2, so sizes need not divide by the stem stride ...
+    assert model.apply({"params": params}, _images(size=7))[1]["patch_tokens"].shape == (2, 4, 16)
+    # ... but the stem output must divide by the patch size.
+    model2 = ViT(num_classes=5, stem_features=(4,), **{**TINY, "variant": "mu/2"})
+    params2 = model2.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"maps images 10x10 .* to 5x5, which is not divisible by patch_size=2"):
+        model2.apply({"params": params2}, _images(size=10))
+    with pytest.raises(ValueError, match="stem_features must be a tuple of positive ints"):
+        ViT(num_classes=5, stem_features=(4, 0), **TINY)

@@ -82,6 +82,9 @@ def hf_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
     (32, 3, 8, 8)
     """
     c = config
+    if c.vision_stem_features:
+        raise ValueError(f"hf_shapes: vision_stem_features={c.vision_stem_features} (a hybrid image tower) has no "
+                         "Hugging Face CLIP equivalent; only configs with vision_stem_features=() convert.")
     tw, vw = c.text_width, c.vision_width
     s: dict[str, tuple[int, ...]] = {
         "text_model.embeddings.token_embedding.weight": (c.vocab_size, tw),

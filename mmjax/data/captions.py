@@ -71,13 +71,23 @@ HELDOUT_COMBOS = (
 )
 
 CAPTION_TEMPLATE = "a {size} {colour} {item} in the {position}"
-ZERO_SHOT_TEMPLATES = {
-    "item": ("a {}", "a small {}", "a large {}", "a photo of a {}"),
-    "colour": ("a {} item", "a small {} item", "a large {} item", "something {}"),
-    "size": ("a {} item", "a {} thing", "a {} piece of clothing"),
-    "position": ("an item in the {}", "a small item in the {}", "a large item in the {}"),
-    "combo": ("a {}", "a small {}", "a large {}", "a photo of a {}"),  # classes from combo_names(): "red sneaker"
-}
+
+
+def _caption_templates(attribute: str) -> tuple[str, ...]:
+    """Prompts in the caption grammar with ``{}`` for ``attribute``, one per value of every other attribute."""
+    if attribute == "combo":  # "{colour} {item}" fills the slot of the colour and the item together
+        return tuple(f"a {s} {{}} in the {p}" for s in SIZE_NAMES for p in POSITION_NAMES)
+    slots = {a: ("{}",) if a == attribute else ATTRIBUTES[a] for a in ATTRIBUTES}
+    return tuple(
+        CAPTION_TEMPLATE.format(size=s, colour=c, item=i, position=p)
+        for s in slots["size"] for c in slots["colour"] for i in slots["item"] for p in slots["position"]
+    )
+
+
+# Zero-shot prompts per attribute, ensembled over the other (nuisance) attributes: the class embedding of "sneaker"
+# is the mean of the normalised embeddings of "a small red sneaker in the top left", ... (2 x 8 x 5 = 80 prompts),
+# as CLIP ensembles its 80 ImageNet templates. "combo" classes come from combo_names(): "red sneaker".
+ZERO_SHOT_TEMPLATES = {a: _caption_templates(a) for a in (*ATTRIBUTES, "combo")}
 
 SPLITS = {"train": ("train", 0), "test": ("test", 1), "heldout": ("test", 2)}  # (Fashion-MNIST split, rng stream)
 
