@@ -11,7 +11,6 @@ device: ``x = (image / 255 - mean) / std``.
 
 from __future__ import annotations
 
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 
 from mmjax.data.pipeline import eval_batches, load_source, train_batches
-from mmjax.train.task import load_object
+from mmjax.train.task import instantiate_model, load_object
 
 #: Model names -> "module:Class".
 MODELS = {"vit": "mmjax.vit:ViT"}
@@ -55,18 +54,7 @@ def build_model(model_config, num_classes: int):
     3
     """
     cls = build_model_class(model_config)
-    kwargs = {k: v for k, v in model_config.to_dict().items() if k != "name"}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "num_classes" in params and "num_classes" not in kwargs:
-        kwargs["num_classes"] = num_classes
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"config.model: cannot build {cls.__name__}(**{kwargs}): {e}") from e
+    return instantiate_model(cls, {k: v for k, v in model_config.to_dict().items() if k != "name"}, num_classes)
 
 
 def _logits(output):

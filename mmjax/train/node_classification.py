@@ -41,7 +41,7 @@ import optax
 
 from mmjax import gnn
 from mmjax.graph import Graph, validate
-from mmjax.train.task import load_object
+from mmjax.train.task import instantiate_model, load_object
 
 #: Model names -> "module:Class".
 MODELS = {"gcn": "mmjax.graph_models:GCN"}
@@ -107,17 +107,7 @@ def build_model(model_config, num_classes: int):
     """
     items = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     cls = _resolve(items.get("name", None), MODELS, "config.model.name")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in items.items() if k != "name"}
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "num_classes" in params and "num_classes" not in kwargs:
-        kwargs["num_classes"] = num_classes
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"config.model: cannot build {cls.__name__}(**{kwargs}): {e}") from e
+    return instantiate_model(cls, {k: v for k, v in items.items() if k != "name"}, num_classes)
 
 
 def _takes(fn, name: str) -> bool:

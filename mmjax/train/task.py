@@ -88,6 +88,7 @@ Registering a task
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 #: Built-in tasks, name -> "module:attribute" (imported lazily). Adding a task is one line here, or pass a path.
@@ -150,6 +151,26 @@ def load_object(path: str, what: str = "object") -> Any:
     if not hasattr(module, attr):
         raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r} (from {path!r})")
     return getattr(module, attr)
+
+
+def instantiate_model(cls, fields: dict, num_classes: int):
+    """``cls(**fields)`` with lists turned into tuples and ``num_classes`` passed when ``cls`` takes it and
+    ``fields`` does not set it; a constructor error becomes a ValueError that names the config section.
+
+    >>> instantiate_model(dict, {"features": [1, 2]}, num_classes=3)
+    {'features': (1, 2)}
+    """
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"config.model: cannot build {cls.__name__}(**{kwargs}): {e}") from e
 
 
 def resolve_task_class(name: str):
