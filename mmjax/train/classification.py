@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from mmjax.data.pipeline import eval_batches, load_source, train_batches
-from mmjax.train.task import instantiate_model, load_object
+from mmjax.train.task import instantiate_model, resolve_named
 
 #: Model names -> "module:Class".
 MODELS = {"vit": "mmjax.vit:ViT"}
@@ -34,14 +34,7 @@ def build_model_class(model_config):
     ...
     ValueError: config.model.name='resnet' is not valid; valid choices: ['vit'] or a 'package.module:Class' path
     """
-    name = model_config.get("name", None)
-    if name in MODELS:
-        return load_object(MODELS[name], "config.model.name")
-    if isinstance(name, str) and ":" in name:
-        return load_object(name, "config.model.name")
-    raise ValueError(
-        f"config.model.name={name!r} is not valid; valid choices: {sorted(MODELS)} or a 'package.module:Class' path"
-    )
+    return resolve_named(model_config.get("name", None), MODELS, "config.model.name")
 
 
 def build_model(model_config, num_classes: int):

@@ -41,20 +41,12 @@ import optax
 
 from mmjax import gnn
 from mmjax.graph import Graph, validate
-from mmjax.train.task import instantiate_model, load_object
+from mmjax.train.task import instantiate_model, resolve_named
 
 #: Model names -> "module:Class".
 MODELS = {"gcn": "mmjax.graph_models:GCN"}
 #: Dataset names -> "module:function" returning a node-classification dataset dict.
 DATASETS = {"karate_club": "mmjax.data.karate:karate_club"}
-
-
-def _resolve(name, table: dict, key: str):
-    if name in table:
-        return load_object(table[name], key)
-    if isinstance(name, str) and ":" in name:
-        return load_object(name, key)
-    raise ValueError(f"{key}={name!r} is not valid; valid choices: {sorted(table)} or a 'package.module:name' path")
 
 
 def load_dataset(data_config) -> dict:
@@ -70,7 +62,7 @@ def load_dataset(data_config) -> dict:
     from mmjax.data.karate import node_masks
 
     get = data_config.get
-    d = dict(_resolve(get("name", None), DATASETS, "config.data.name")())
+    d = dict(resolve_named(get("name", None), DATASETS, "config.data.name", kind="name")())
     missing = {"graph", "labels", "train_mask", "test_mask"} - set(d)
     if missing:
         raise ValueError(f"config.data.name={get('name')!r}: the dataset lacks {sorted(missing)}; a node-"
@@ -106,7 +98,7 @@ def build_model(model_config, num_classes: int):
     8
     """
     items = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-    cls = _resolve(items.get("name", None), MODELS, "config.model.name")
+    cls = resolve_named(items.get("name", None), MODELS, "config.model.name", kind="name")
     return instantiate_model(cls, {k: v for k, v in items.items() if k != "name"}, num_classes)
 
 

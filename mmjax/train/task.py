@@ -153,6 +153,25 @@ def load_object(path: str, what: str = "object") -> Any:
     return getattr(module, attr)
 
 
+def resolve_named(name, table: dict, key: str, *, problem: str = "is not valid", kind: str = "Class") -> Any:
+    """The object a config value names: a key of ``table`` (values ``"module:attr"``) or a ``"module:attr"`` path.
+
+    ``key`` (e.g. ``"config.model.name"``), ``problem`` and ``kind`` word the error for anything else.
+
+    >>> resolve_named("od", {"od": "collections:OrderedDict"}, "config.x").__name__
+    'OrderedDict'
+    >>> resolve_named("nope", {"od": "collections:OrderedDict"}, "config.x")
+    Traceback (most recent call last):
+    ...
+    ValueError: config.x='nope' is not valid; valid choices: ['od'] or a 'package.module:Class' path
+    """
+    if name in table:
+        return load_object(table[name], key)
+    if isinstance(name, str) and ":" in name:
+        return load_object(name, key)
+    raise ValueError(f"{key}={name!r} {problem}; valid choices: {sorted(table)} or a 'package.module:{kind}' path")
+
+
 def instantiate_model(cls, fields: dict, num_classes: int):
     """``cls(**fields)`` with lists turned into tuples and ``num_classes`` passed when ``cls`` takes it and
     ``fields`` does not set it; a constructor error becomes a ValueError that names the config section.
@@ -179,14 +198,7 @@ def resolve_task_class(name: str):
     >>> resolve_task_class("classification").__name__
     'ClassificationTask'
     """
-    if name in TASKS:
-        return load_object(TASKS[name], "config.task")
-    if isinstance(name, str) and ":" in name:
-        return load_object(name, "config.task")
-    raise ValueError(
-        f"config.task={name!r} is not a known task; valid choices: {sorted(TASKS)} "
-        "or a 'package.module:ClassName' path"
-    )
+    return resolve_named(name, TASKS, "config.task", problem="is not a known task", kind="ClassName")
 
 
 def make_task(config) -> Task:
