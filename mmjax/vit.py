@@ -280,12 +280,14 @@ class ViT(nn.Module):
                 f"ViT: image size {h}x{w} (images.shape={images.shape}) is not divisible by patch_size={patch}; "
                 f"resize or crop the images to a multiple of {patch}."
             )
-        if self.has_variable("params", "embedding") and not self.stem_features:
-            kernel = self.get_variable("params", "embedding")["kernel"]
+        first = "stem_conv_0" if self.stem_features else "embedding"  # the layer that sees the image channels
+        if self.has_variable("params", first):
+            kernel = self.get_variable("params", first)["kernel"]
             if kernel.shape[2] != images.shape[3]:
+                what = "the conv stem" if self.stem_features else "the patch embedding"
                 raise ValueError(
-                    f"ViT: images have {images.shape[3]} channels (shape {images.shape}) but the patch embedding "
-                    f"expects {kernel.shape[2]}."
+                    f"ViT: images have {images.shape[3]} channels (shape {images.shape}) but {what} expects "
+                    f"{kernel.shape[2]}."
                 )
 
     def _learned_posemb(self, x: Array) -> Array:

@@ -234,5 +234,7 @@ def test_conv_stem_hybrid_vit():
     params2 = model2.init(jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match=r"maps images 10x10 .* to 5x5, which is not divisible by patch_size=2"):
         model2.apply({"params": params2}, _images(size=10))
+    with pytest.raises(ValueError, match="1 channels .* but the conv stem expects 3"):
+        model.apply({"params": params}, _images(size=8, channels=1))
     with pytest.raises(ValueError, match="stem_features must be a tuple of positive ints"):
         ViT(num_classes=5, stem_features=(4, 0), **TINY)
