@@ -66,6 +66,8 @@ class CLIPConfig:
         :class:`mmjax.vit.ViT` ``stem_features``); ``()`` (default) is OpenAI CLIP's plain ViT. A stem makes the
         tower a hybrid ViT with ``(image_size // (patch_size * 2**len(stem))) ** 2`` tokens; it has no Hugging
         Face equivalent.
+      vision_stem_impl: ``"conv"`` or ``"matmul"`` (the same stem computed as im2col matmuls, faster on CPUs; see
+        :class:`mmjax.vit.StemConv`).
       vocab_size, context_length: text tower vocabulary and number of positions.
       text_width, text_depth, text_heads, text_mlp_dim: text tower sizes (mlp default 4 x width).
       vision_activation, text_activation: MLP activations (``"quick_gelu"`` for OpenAI CLIP).
@@ -93,6 +95,7 @@ class CLIPConfig:
     vision_heads: int = 12
     vision_mlp_dim: int | None = None
     vision_stem_features: tuple[int, ...] = ()
+    vision_stem_impl: str = "conv"
     vocab_size: int = 49408
     context_length: int = 77
     text_width: int = 512
@@ -390,6 +393,7 @@ class CLIP(nn.Module):
             mlp_dim=cfg.vision_mlp_dim or 4 * cfg.vision_width,
             patch_size=cfg.patch_size,
             stem_features=cfg.vision_stem_features,
+            stem_impl=cfg.vision_stem_impl,
             posemb="learn",
             class_token=True,
             cls_posemb=True,

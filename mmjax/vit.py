@@ -32,7 +32,9 @@ from mmjax.layers import Encoder, Mlp, get_activation, posemb_sincos_2d
 Dtype = Any
 Array = jax.Array
 
-__all__ = ["VARIANTS", "decode_variant", "MAPHead", "ViT"]
+__all__ = ["VARIANTS", "STEM_IMPLS", "decode_variant", "MAPHead", "StemConv", "ViT"]
+
+STEM_IMPLS = ("conv", "matmul")
 
 # name: (width, depth, mlp_dim, num_heads), as in big_vision's decode_variant.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -131,6 +133,41 @@ class MAPHead(nn.Module):
         return p[:, 0]
 
 
+class StemConv(nn.Module):
+    """A 3x3 stride-2 ``'SAME'`` convolution as one matmul over explicit patches (im2col).
+
+    ``y[b, i, j] = bias + sum_{u, v, c} x_pad[b, 2i + u, 2j + v, c] kernel[u, v, c]``, where ``x_pad`` pads
+    ``[batch, h, w, c]`` as XLA's ``'SAME'`` does (``ceil(h / 2)`` output rows). Parameters ``kernel
+    [3, 3, c, features]`` (LeCun normal) and ``bias [features]`` (zeros) have the names, shapes and initialisers of
+    ``nn.Conv(features, (3, 3), strides=(2, 2), padding="SAME")``, so the two are interchangeable; XLA's CPU
+    convolution is slow for few channels, one large matmul is not.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    >>> conv = nn.Conv(4, (3, 3), strides=(2, 2), padding="SAME")
+    >>> params = conv.init(jax.random.key(1), x)
+    >>> y = StemConv(4).apply(params, x)
+    >>> y.shape, bool(jnp.allclose(y, conv.apply(params, x), atol=1e-5))
+    ((2, 4, 3, 4), True)
+    """
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, h, w, c = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        ho, wo = -(-h // 2), -(-w // 2)
+        pad_h, pad_w = max(2 * ho + 1 - h, 0), max(2 * wo + 1 - w, 0)
+        x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+        patches = jnp.concatenate([x[:, u:u + 2 * ho:2, v:v + 2 * wo:2] for u in range(3) for v in range(3)], -1)
+        return patches @ kernel.reshape(9 * c, self.features) + bias
+
+
 class ViT(nn.Module):
     """Vision Transformer: (conv stem) -> patches -> (class token) -> position embedding -> pre-LN encoder -> pool
     -> head.
@@ -159,6 +196,9 @@ class ViT(nn.Module):
         stride-2 conv + GELU each (the hybrid ViT of Dosovitskiy et al. section 3.1, with the small conv stem of
         Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). With ``k`` stem convs and
         ``patch_size=p`` a token covers ``2^k * p`` pixels per side; ``()`` (default) is the plain ViT.
+      stem_impl: how the stem convs are computed: ``"conv"`` (``nn.Conv``) or ``"matmul"`` (:class:`StemConv`: the
+        same function and parameters as one matmul over explicit 3x3 patches, faster on CPUs for the thin early
+        layers).
       activation, layer_norm_eps, dropout_rate, attention_dropout_rate, drop_path_rate, attention_bias, remat, scan,
         attention_implementation: encoder options, see :class:`mmjax.layers.Encoder`. ``dropout_rate`` also
         applies to the embedded tokens.
@@ -201,6 +241,7 @@ class ViT(nn.Module):
     representation_activation: str = "tanh"
     patch_bias: bool = True
     stem_features: tuple[int, ...] = ()
+    stem_impl: str = "conv"
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
     dropout_rate: float = 0.0
@@ -249,6 +290,8 @@ class ViT(nn.Module):
                 raise ValueError(f"ViT: {name}={value!r} is not valid; expected one of {list(valid)}.")
         if self.pool_type == "token" and not self.class_token:
             raise ValueError("ViT: pool_type='token' needs class_token=True; use pool_type='gap' or 'map'.")
+        if self.stem_impl not in STEM_IMPLS:
+            raise ValueError(f"ViT: stem_impl must be one of {STEM_IMPLS}, got {self.stem_impl!r}.")
         if any(not isinstance(f, int) or f < 1 for f in self.stem_features):
             raise ValueError(
                 f"ViT: stem_features must be a tuple of positive ints (channel widths), got {self.stem_features!r}."
@@ -312,10 +355,13 @@ class ViT(nn.Module):
 
         x = images
         for i, features in enumerate(self.stem_features):
-            x = nn.Conv(
-                features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f"stem_conv_{i}",
-            )(x)
+            if self.stem_impl == "matmul":
+                x = StemConv(features, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stem_conv_{i}")(x)
+            else:
+                x = nn.Conv(
+                    features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                    name=f"stem_conv_{i}",
+                )(x)
             x = nn.gelu(x, approximate=False)
 
         x = nn.Conv(

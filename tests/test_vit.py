@@ -238,3 +238,29 @@ def test_conv_stem_hybrid_vit():
         model.apply({"params": params}, _images(size=8, channels=1))
     with pytest.raises(ValueError, match="stem_features must be a tuple of positive ints"):
         ViT(num_classes=5, stem_features=(4, 0), **TINY)
+
+
+@pytest.mark.parametrize("size", [8, 7, 5])
+def test_matmul_stem_equals_conv_stem(size):
+    """stem_impl="matmul" (im2col StemConv) has the same parameters, initial values and outputs as nn.Conv,
+    gradients included, for even and odd image sizes ('SAME' padding)."""
+    kw = dict(num_classes=5, stem_features=(4, 8), **{**TINY, "variant": "mu/1"})
+    conv, matmul = ViT(**kw), ViT(**kw, stem_impl="matmul")
+    x = _images(size=size)
+    params = conv.init(jax.random.key(0), x)["params"]
+    same_init = matmul.init(jax.random.key(0), x)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, same_init)
+    params = {**params, "head": {"kernel": jnp.ones_like(params["head"]["kernel"]), "bias": params["head"]["bias"]}}
+    np.testing.assert_allclose(matmul.apply({"params": params}, x)[0], conv.apply({"params": params}, x)[0],
+                               rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(2), conv.apply({"params": params}, x)[1]["patch_tokens"].shape)
+
+    def grad(model):  # a well-conditioned loss on the tokens the stem feeds: O(1) gradients for stem + embedding
+        return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)[1]["patch_tokens"] * weights))(params)
+
+    g_matmul, g_conv = grad(matmul), grad(conv)
+    for name in ("stem_conv_0", "stem_conv_1", "embedding"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_matmul[name], g_conv[name])
+    assert float(jnp.abs(g_conv["stem_conv_0"]["kernel"]).max()) > 1e-2
+    with pytest.raises(ValueError, match=r"stem_impl must be one of \('conv', 'matmul'\), got 'im2col'"):
+        ViT(**kw, stem_impl="im2col")
