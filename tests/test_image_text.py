@@ -54,6 +54,40 @@ def test_train_batches_depend_only_on_seed_and_step():
         next(train_batches(src, 5, seed=0, process_index=0, process_count=2))
 
 
+def test_grouped_batches_draw_whole_groups_and_resume_exactly():
+    src = _array_source(n=24)
+    groups = np.arange(24) % 6  # 6 groups of 4; the image value is the example index
+    kw = dict(groups=groups, groups_per_batch=2, process_index=0, process_count=1)
+    run = train_batches(src, 4, seed=3, **kw)
+    first = [next(run) for _ in range(8)]
+    for b in first:  # 2 groups x 2 distinct examples each
+        idx = b["image"][:, 0, 0, 0].astype(int)
+        assert len(set(groups[idx[:2]].tolist())) == 1 and len(set(groups[idx[2:]].tolist())) == 1
+        assert groups[idx[0]] != groups[idx[2]] and len(set(idx.tolist())) == 4
+    resumed = next(train_batches(src, 4, seed=3, start_step=5, **kw))
+    np.testing.assert_array_equal(resumed["image"], first[5]["image"])
+    assert len({tuple(b["image"][:, 0, 0, 0].tolist()) for b in first}) > 1
+    # a host draws only from its own share
+    host1 = train_batches(src, 4, seed=3, groups=groups, groups_per_batch=2, process_index=1, process_count=2)
+    assert all(i % 2 == 1 for _ in range(4) for i in next(host1)["image"][:, 0, 0, 0].tolist())
+    with pytest.raises(ValueError, match=r"groups_per_batch=3 must be an int in \[1, 6\].*per-host batch 4 divides"):
+        next(train_batches(src, 4, seed=0, groups=groups, groups_per_batch=3, process_index=0, process_count=1))
+    with pytest.raises(ValueError, match=r"groups_per_batch=7"):
+        next(train_batches(src, 7, seed=0, groups=groups, groups_per_batch=7, process_index=0, process_count=1))
+    with pytest.raises(ValueError, match=r"groups must be int \[24\]"):
+        next(train_batches(src, 4, seed=0, groups=groups[:5], groups_per_batch=2, process_index=0, process_count=1))
+    # subgroups: 2 groups x 2 subgroups x 1 example; groups of 4 examples split into 2 subgroups of 2
+    sub = (np.arange(24) // 6) % 2
+    kw = dict(groups=groups, groups_per_batch=2, subgroups=sub, subgroups_per_group=2, process_index=0,
+              process_count=1)
+    for b in [next(train_batches(src, 4, seed=s, **kw)) for s in range(5)]:
+        idx = b["image"][:, 0, 0, 0].astype(int)
+        assert groups[idx[0]] == groups[idx[1]] != groups[idx[2]] == groups[idx[3]]
+        assert sub[idx[0]] != sub[idx[1]] and sub[idx[2]] != sub[idx[3]]
+    with pytest.raises(ValueError, match=r"subgroups_per_group=3 must be an int in \[1, 2\]"):
+        next(train_batches(src, 12, seed=0, **{**kw, "subgroups_per_group": 3}))
+
+
 def test_per_host_shards_are_disjoint_and_complete():
     src = _array_source()
     seen = []

@@ -412,16 +412,30 @@ def _collate(records: list[dict], captions: list[str]) -> dict:
 
 
 def train_batches(source, batch_size: int, seed: int, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict]:
+                  process_count: int | None = None, *, groups=None, groups_per_batch: int = 0, subgroups=None,
+                  subgroups_per_group: int = 1) -> Iterator[dict]:
     """This host's training batches from ``start_step``: ``{"image": uint8 [b, H, W, 3], "caption": [b] str, ...}``.
 
     ``batch_size`` is the global batch; each of ``process_count`` hosts reads ``batch_size // process_count``
     examples of its own ``1 / process_count`` share (``jax.process_index()`` / ``jax.process_count()`` by default).
     Integer extras of the source come as ``int32 [b]`` arrays. The batch of step ``s`` depends only on ``(seed, s)``.
 
+    By default batches walk through epochs of a shuffled order. With ``groups`` (``int [N]``, a group id per
+    example) and ``groups_per_batch=G``, each host batch is instead ``G`` groups drawn at random (without
+    replacement), ``b / G`` examples from each (without replacement when the group is large enough): grouped
+    batches of *hard negatives*, e.g. captions that differ in one word only, so that the contrastive loss must
+    tell those apart. With ``subgroups`` (``int [N]``) as well, each drawn group is split by ``subgroups`` and
+    ``subgroups_per_group`` of its subgroups are drawn, ``b / (G * S)`` examples from each. Steps are independent
+    draws (no epochs).
+
     >>> src = ArrayImageText(np.zeros((4, 2, 2, 3), np.uint8), [["a", "b"], "c", "d", "e"])
     >>> sorted(next(train_batches(src, 4, seed=0, process_count=1, process_index=0))["caption"])[1:]
     ['c', 'd', 'e']
+    >>> src = ArrayImageText(np.zeros((6, 2, 2, 3), np.uint8), list("abcdef"))
+    >>> batch = next(train_batches(src, 2, 0, process_count=1, process_index=0, groups=[0, 0, 0, 1, 1, 1],
+    ...                            groups_per_batch=1))
+    >>> sorted(batch["caption"]) in (["a", "b"], ["a", "c"], ["b", "c"], ["d", "e"], ["d", "f"], ["e", "f"])
+    True
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -431,7 +445,11 @@ def train_batches(source, batch_size: int, seed: int, start_step: int = 0, proce
     if len(ds) == 0:
         raise ValueError("the training source is empty (or this host's share of it is).")
     local = batch_size // count
-    order = ds.shuffle(seed=int(seed) % 2**32).repeat(None)
+    if groups_per_batch:
+        order = _GroupedOrder(np.asarray([ds[i] for i in range(len(ds))]), len(source), local, seed, groups,
+                              groups_per_batch, subgroups, subgroups_per_group)
+    else:
+        order = ds.shuffle(seed=int(seed) % 2**32).repeat(None)
     step = int(start_step)
     while True:
         records = [source[order[step * local + j]] for j in range(local)]
@@ -439,6 +457,65 @@ def train_batches(source, batch_size: int, seed: int, start_step: int = 0, proce
         captions = [r["captions"][int(rng.integers(len(r["captions"])))] for r in records]
         yield _collate(records, captions)
         step += 1
+
+
+class _GroupedOrder:
+    """``order[step * b + j]``: example ``j`` of the grouped batch of ``step`` (see :func:`train_batches`)."""
+
+    def __init__(self, indices: np.ndarray, n: int, local: int, seed: int, groups, groups_per_batch: int,
+                 subgroups=None, subgroups_per_group: int = 1):
+        keys = [("groups", groups, groups_per_batch)]
+        if subgroups is not None:
+            keys.append(("subgroups", subgroups, subgroups_per_group))
+        self.tree = indices
+        for name, values, _ in keys:
+            values = np.asarray(values)
+            if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
+                raise ValueError(f"{name} must be int [{n}] (one id per example), got {values.dtype} {values.shape}.")
+        total = 1
+        for level, (name, values, g) in enumerate(keys):
+            fewest = self._fewest(self.tree, level, np.asarray(values))
+            total *= g if isinstance(g, (int, np.integer)) else 0
+            if not isinstance(g, (int, np.integer)) or g < 1 or g > fewest or (total and local % total):
+                per = "group" if level else "batch"
+                raise ValueError(
+                    f"{name}_per_{per}={g!r} must be an int in [1, {fewest}] (the {name} available per {per}) such "
+                    f"that the per-host batch {local} divides into whole groups; pick smaller or dividing values."
+                )
+            self.tree = self._split(self.tree, np.asarray(values))
+        self.counts = [int(g) for _, _, g in keys]
+        self.per, self.local, self.seed = local // total, local, int(seed) % 2**32
+        self._step, self._batch = None, None
+
+    @classmethod
+    def _split(cls, node, values):
+        """Leaves (index arrays) split by ``values`` into lists of index arrays, one level deeper."""
+        if isinstance(node, list):
+            return [cls._split(child, values) for child in node]
+        ids, inverse = np.unique(values[node], return_inverse=True)
+        return [node[inverse == k] for k in range(len(ids))]
+
+    @classmethod
+    def _fewest(cls, node, level, values):
+        """The fewest distinct ``values`` in any node at ``level`` (what can be drawn without replacement)."""
+        if level:
+            return min(cls._fewest(child, level - 1, values) for child in node)
+        return len(np.unique(values[node]))
+
+    def _draw(self, rng, node, level):
+        if level == len(self.counts):
+            return [node[rng.choice(len(node), self.per, replace=len(node) < self.per)]]
+        out = []
+        for k in rng.choice(len(node), self.counts[level], replace=False):
+            out += self._draw(rng, node[k], level + 1)
+        return out
+
+    def __getitem__(self, position: int) -> int:
+        step, j = divmod(int(position), self.local)
+        if step != self._step:
+            rng = np.random.default_rng([self.seed, step, 1])
+            self._step, self._batch = step, np.concatenate(self._draw(rng, self.tree, 0))
+        return int(self._batch[j])
 
 
 def eval_batches(source, batch_size: int, process_index: int | None = None,

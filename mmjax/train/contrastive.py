@@ -35,7 +35,22 @@ CLIP's ``vocab.json`` and ``merges.txt``). ``remat=True`` rematerialises every e
 
 Data (``config.data``): ``name`` is ``"fashion_mnist_captions"`` (:mod:`mmjax.data.captions`; evaluation adds
 zero-shot accuracies, also on the held-out colour/item combinations), ``"folder"`` (``data_dir`` with images and a
-captions file) or ``"tfds"`` (``tfds_name``, e.g. ``coco_captions``); see :mod:`mmjax.data.image_text`.
+captions file) or ``"tfds"`` (``tfds_name``, e.g. ``coco_captions``); see :mod:`mmjax.data.image_text`. Also:
+
+* ``colour_space``: ``"rgb"`` (default) or ``"hsv"``: the image tower sees ``(hue, saturation, value)`` in
+  ``[0, 1]`` (``dm_pix.rgb_to_hsv``, on device) before ``(x - mean) / std``. The value channel ``max(R, G, B)`` is the
+  same for an item whatever its hue, so shape features need not be learned per colour; on the Fashion-MNIST
+  captions this lifts accuracy on the held-out (colour, item) combinations (a supervised probe of the same tower:
+  0.558 -> 0.747 with test accuracy unchanged, 0.823 -> 0.818).
+* ``groups_per_batch`` (``G``, 0 = off) and ``group_by`` (Fashion-MNIST captions only): each batch is ``G`` groups
+  of examples sharing the attributes ``group_by`` (default colour, size and position, i.e. captions that differ only
+  in the item word), ``batch / G`` from each: in-batch hard negatives (:func:`mmjax.data.image_text.train_batches`).
+  With uniform batches of 256 an example shares colour, size and position with about 3 others, so the loss rarely
+  has to tell items apart; with ``G = 16`` with 15. ``subgroup_by`` / ``subgroups_per_group`` (``S``) split each
+  drawn group once more: ``group_by=("size", "position")``, ``subgroup_by=("colour",)``, ``G = 8``, ``S = 2`` draws 8
+  (size, position) places and 2 colours at each, 16 examples per (place, colour): hard negatives for the item within
+  a colour and for the colour within a place. Grouping by (colour, size, position) alone leaves few pairs that differ
+  only in colour, and zero-shot colour accuracy then sometimes collapsed (0.24 in one run).
 
 >>> from mmjax.train.task import resolve_task_class
 >>> resolve_task_class("contrastive").__name__
@@ -51,6 +66,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import dm_pix as pix
 import numpy as np
 import optax
 
@@ -67,13 +83,16 @@ FROZEN_IMAGE_TOWER = r"(vision|visual_projection)(/.*)?"
 
 LOSSES = ("softmax", "sigmoid")
 DATASETS = ("fashion_mnist_captions", "folder", "tfds")
+COLOUR_SPACES = ("rgb", "hsv")
 
 _CONTRASTIVE_DEFAULTS = dict(loss="softmax", freeze_image_tower=False, micro_batches=1, sigmoid_chunk_size=0,
                              final_report=True)
 _DATA_DEFAULTS = dict(name="fashion_mnist_captions", data_dir="", image_size=64, num_train=0, num_test=2000,
                       num_heldout=2000, data_seed=0, tfds_name="", train_split="train", eval_split="test",
                       image_key="image", caption_key="captions/text", captions_file="", eval_captions_file="",
-                      vocab_examples=20000, mean=0.5, std=0.5)
+                      vocab_examples=20000, mean=0.5, std=0.5, groups_per_batch=0,
+                      group_by=("colour", "size", "position"), subgroup_by=(), subgroups_per_group=1,
+                      colour_space="rgb")
 _MODEL_KEYS = ("name", "preset", "dtype", "tokenizer", "bpe_path")
 
 
@@ -247,6 +266,7 @@ class ContrastiveTask:
             d.name = "fashion_mnist_captions"
         _check_choice("contrastive.loss", self.opts.loss, LOSSES)
         _check_choice("data.name", d.name, DATASETS)
+        _check_choice("data.colour_space", d.colour_space, COLOUR_SPACES)
         micro = self.opts.micro_batches
         if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
             raise ValueError(f"config.contrastive.micro_batches={micro!r} must be an int >= 1 (1 = no accumulation)")
@@ -347,8 +367,38 @@ class ContrastiveTask:
 
     def train_batches(self, start_step: int):
         """Host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` from ``start_step``."""
-        for batch in image_text.train_batches(self.train_source, self.batch_size, self.seed, start_step):
+        for batch in image_text.train_batches(self.train_source, self.batch_size, self.seed, start_step,
+                                              **self._grouping()):
             yield {"image": batch["image"], "ids": self._host_batch(batch)["ids"]}
+
+    def _grouping(self) -> dict:
+        """``train_batches`` keywords for ``config.data.groups_per_batch``: Fashion-MNIST captions grouped by the
+        attributes ``config.data.group_by`` (by default colour, size and position: the captions of a group differ
+        only in the item word, hard negatives for the item)."""
+        d = self.data_cfg
+        g = d.groups_per_batch
+        if not g:
+            return {}
+        if d.name != "fashion_mnist_captions":
+            raise ValueError(f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
+                             f"it is not available for data.name={d.name!r} (set it to 0)")
+        from mmjax.data.captions import ATTRIBUTES
+
+        def cells(keys, what):
+            keys = tuple(keys)
+            if any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys) or (what == "group_by"
+                                                                                          and not keys):
+                raise ValueError(f"config.data.{what}={keys!r} must be distinct attribute names from "
+                                 f"{list(ATTRIBUTES)}, e.g. ('size', 'position')")
+            cell = np.zeros(len(self.train_source), np.int64)
+            for k in keys:
+                cell = cell * len(ATTRIBUTES[k]) + self.train_source.extras[k]
+            return cell
+
+        out = dict(groups=cells(d.group_by, "group_by"), groups_per_batch=g)
+        if tuple(d.subgroup_by):
+            out.update(subgroups=cells(d.subgroup_by, "subgroup_by"), subgroups_per_group=d.subgroups_per_group)
+        return out
 
     def eval_batches(self):
         """Ordered evaluation batches (first caption of each example), the last one padded, with ``mask``."""
@@ -361,7 +411,10 @@ class ContrastiveTask:
 
     # -- model --------------------------------------------------------------------------------------------------
     def _images(self, images):
-        return (images.astype(jnp.float32) / 255.0 - self.mean) / self.std
+        x = images.astype(jnp.float32) / 255.0
+        if self.data_cfg.colour_space == "hsv":
+            x = pix.rgb_to_hsv(x)
+        return (x - self.mean) / self.std
 
     def init_params(self, rng, batch):
         """Initial CLIP params (shapes from one host batch)."""
