@@ -177,6 +177,32 @@ def test_sigmoid_loss_and_bad_configs(params_and_batch):
         make_task(config(**{"model.image_size": 32}))
 
 
+def test_hsv_colour_space_and_grouped_caption_batches(params_and_batch):
+    import colorsys
+
+    _, batch = params_and_batch
+    hsv = make_task(config(**{"data.colour_space": "hsv", "data.groups_per_batch": 2}))
+    images = batch["image"][:2]
+    ref = np.array([colorsys.rgb_to_hsv(*px) for px in (images.reshape(-1, 3) / 255.0)]).reshape(images.shape)
+    expected = (ref - hsv.mean) / hsv.std
+    np.testing.assert_allclose(np.asarray(hsv._images(jnp.asarray(images))), expected, atol=1e-5)
+    # grouped by (colour, size, position), the default: 2 cells of captions that differ only in the item word
+    grouped = next(hsv.train_batches(0))
+    words = [hsv.tokenizer.decode(ids).replace("t - shirt", "t-shirt") for ids in grouped["ids"]]
+    contexts = [" ".join(w for w in text.split() if w not in {"t-shirt", "trouser", "pullover", "dress", "coat",
+                "sandal", "shirt", "sneaker", "bag", "ankle", "boot"}) for text in words]
+    half = len(contexts) // 2
+    assert len(set(contexts[:half])) == 1 and len(set(contexts[half:])) == 1 and contexts[0] != contexts[-1]
+    by_place = make_task(config(**{"data.groups_per_batch": 2, "data.group_by": ("size", "position")}))
+    places = [(w[1], w[-2], w[-1]) for w in (hsv.tokenizer.decode(ids).split()
+                                            for ids in next(by_place.train_batches(0))["ids"])]
+    assert len(set(places[:half])) == 1 and len(set(places[half:])) == 1
+    with pytest.raises(ValueError, match=r"data.group_by=\('shape',\) must be distinct attribute names"):
+        next(make_task(config(**{"data.groups_per_batch": 2, "data.group_by": ("shape",)})).train_batches(0))
+    with pytest.raises(ValueError, match=r"data.colour_space='lab'.*\['rgb', 'hsv'\]"):
+        make_task(config(**{"data.colour_space": "lab"}))
+
+
 def test_engine_eval_matches_full_set_evaluation(tmp_path):
     cfg = config(**{"num_steps": 2, "eval_batch_size": 8, "parallel.mode": "pmap"})
     result = train_and_evaluate(cfg, str(tmp_path))
@@ -245,7 +271,8 @@ def test_job_configs_are_valid():
     from mmjax.cli import load_config_file
 
     job = prepare_config(load_config_file(os.path.join(REPO, "experiments", "clip_fashion_mnist.py")))
-    assert job.task == "contrastive" and job.model.image_size == job.data.image_size == 64
+    assert job.task == "contrastive" and job.model.image_size == job.data.image_size == 48
+    assert job.data.colour_space == "hsv" and job.batch_size % job.data.groups_per_batch == 0
     big = prepare_config(load_config_file(os.path.join(REPO, "experiments", "clip_b16_tpu.py")))
     assert big.parallel.mode == "sharded" and big.parallel.fsdp and big.model.dtype == "bfloat16"
     from mmjax.clip import get_config
