@@ -157,7 +157,7 @@ class StemConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        batch, h, w, c = x.shape
+        _, h, w, c = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)

@@ -467,22 +467,20 @@ class _GroupedOrder:
         keys = [("groups", groups, groups_per_batch)]
         if subgroups is not None:
             keys.append(("subgroups", subgroups, subgroups_per_group))
-        self.tree = indices
-        for name, values, _ in keys:
+        self.tree, total = indices, 1
+        for level, (name, values, g) in enumerate(keys):
             values = np.asarray(values)
             if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
                 raise ValueError(f"{name} must be int [{n}] (one id per example), got {values.dtype} {values.shape}.")
-        total = 1
-        for level, (name, values, g) in enumerate(keys):
-            fewest = self._fewest(self.tree, level, np.asarray(values))
-            total *= g if isinstance(g, (int, np.integer)) else 0
-            if not isinstance(g, (int, np.integer)) or g < 1 or g > fewest or (total and local % total):
+            fewest = self._fewest(self.tree, level, values)
+            if not isinstance(g, (int, np.integer)) or not 1 <= g <= fewest or local % (total * g):
                 per = "group" if level else "batch"
                 raise ValueError(
                     f"{name}_per_{per}={g!r} must be an int in [1, {fewest}] (the {name} available per {per}) such "
                     f"that the per-host batch {local} divides into whole groups; pick smaller or dividing values."
                 )
-            self.tree = self._split(self.tree, np.asarray(values))
+            total *= int(g)
+            self.tree = self._split(self.tree, values)
         self.counts = [int(g) for _, _, g in keys]
         self.per, self.local, self.seed = local // total, local, int(seed) % 2**32
         self._step, self._batch = None, None

@@ -63,10 +63,10 @@ import json
 import os
 from typing import Any, Callable
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
-import dm_pix as pix
 import numpy as np
 import optax
 
@@ -281,6 +281,7 @@ class ContrastiveTask:
         self.seed = int(config.seed)
         self.mean, self.std = _per_channel("mean", d.mean), _per_channel("std", d.std)
         self._load_data()
+        self._batch_grouping = self._grouping()  # checked here, with the other config values
         self._build_model(config.get("model", ml_collections.ConfigDict()))
         if self.opts.freeze_image_tower and "optimizer" in config:
             rules = tuple(tuple(r) for r in config.optimizer.decay_rules)
@@ -368,7 +369,7 @@ class ContrastiveTask:
     def train_batches(self, start_step: int):
         """Host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` from ``start_step``."""
         for batch in image_text.train_batches(self.train_source, self.batch_size, self.seed, start_step,
-                                              **self._grouping()):
+                                              **self._batch_grouping):
             yield {"image": batch["image"], "ids": self._host_batch(batch)["ids"]}
 
     def _grouping(self) -> dict:
@@ -386,8 +387,8 @@ class ContrastiveTask:
 
         def cells(keys, what):
             keys = tuple(keys)
-            if any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys) or (what == "group_by"
-                                                                                          and not keys):
+            empty = what == "group_by" and not keys
+            if empty or any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys):
                 raise ValueError(f"config.data.{what}={keys!r} must be distinct attribute names from "
                                  f"{list(ATTRIBUTES)}, e.g. ('size', 'position')")
             cell = np.zeros(len(self.train_source), np.int64)
