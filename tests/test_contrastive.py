@@ -155,6 +155,12 @@ def test_bf16_and_remat(task, params_and_batch):
     assert_trees_close(grads_remat, grads32, atol=1e-6, what="remat")
 
 
+def test_word_tokenizer_keeps_the_configured_text_pooling(task):
+    assert task.clip_config.text_pooling == "eot"  # the default: pool at the word tokenizer's end-of-text id
+    mean = make_task(config(**{"model.text_pooling": "mean"}))
+    assert mean.clip_config.text_pooling == "mean" and mean.clip_config.eot_id == task.clip_config.eot_id
+
+
 def test_sigmoid_loss_and_bad_configs(params_and_batch):
     _, batch = params_and_batch
     siglip = make_task(config(**{"contrastive.loss": "sigmoid", "model.logit_bias_init": -10.0,

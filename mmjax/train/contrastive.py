@@ -342,7 +342,8 @@ class ContrastiveTask:
             if texts is None:
                 texts = self.train_source.all_captions(int(self.data_cfg.vocab_examples))
             self.tokenizer = WordTokenizer.from_texts(texts)
-            fields.update(vocab_size=self.tokenizer.vocab_size, eot_id=self.tokenizer.eot_id, text_pooling="eot")
+            fields.update(vocab_size=self.tokenizer.vocab_size, eot_id=self.tokenizer.eot_id)
+            fields.setdefault("text_pooling", "eot")
         else:
             if not m.get("bpe_path"):
                 raise ValueError("config.model.tokenizer='bpe' needs config.model.bpe_path (vocab.json + merges.txt)")
