@@ -21,9 +21,22 @@ import argparse
 import json
 import time
 
-SIZES = dict(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_depth=4, vision_heads=4,
-             vision_mlp_dim=512, vocab_size=64, context_length=16, text_width=128, text_depth=2, text_heads=4,
-             text_mlp_dim=512, eot_id=3)
+SIZES = dict(
+    embed_dim=128,
+    image_size=64,
+    patch_size=8,
+    vision_width=128,
+    vision_depth=4,
+    vision_heads=4,
+    vision_mlp_dim=512,
+    vocab_size=64,
+    context_length=16,
+    text_width=128,
+    text_depth=2,
+    text_heads=4,
+    text_mlp_dim=512,
+    eot_id=3,
+)
 
 
 def _timeit(step, steps: int, warmup: int) -> tuple[float, float]:
@@ -91,8 +104,13 @@ def bench_mmjax(batch: int, steps: int, warmup: int) -> dict:
     compile_s = time.perf_counter() - t0
     wall, cpu = _timeit(run, steps, warmup)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return {"pairs_per_s": batch / wall, "pairs_per_cpu_s": batch / cpu, "step_s": wall, "first_step_s": compile_s,
-            "params": int(n_params)}
+    return {
+        "pairs_per_s": batch / wall,
+        "pairs_per_cpu_s": batch / cpu,
+        "step_s": wall,
+        "first_step_s": compile_s,
+        "params": int(n_params),
+    }
 
 
 def bench_torch(batch: int, steps: int, warmup: int) -> dict:
@@ -121,8 +139,15 @@ def bench_torch(batch: int, steps: int, warmup: int) -> dict:
     first = time.perf_counter() - t0
     wall, cpu = _timeit(run, steps, warmup)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"pairs_per_s": batch / wall, "pairs_per_cpu_s": batch / cpu, "step_s": wall, "first_step_s": first,
-            "params": int(n_params), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "pairs_per_s": batch / wall,
+        "pairs_per_cpu_s": batch / cpu,
+        "step_s": wall,
+        "first_step_s": first,
+        "params": int(n_params),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> dict:
@@ -136,17 +161,31 @@ def main(argv=None) -> dict:
     if args.steps < 1 or args.batch < 2:
         parser.error(f"--steps must be >= 1 and --batch >= 2, got {args.steps} and {args.batch}")
     ours = bench_mmjax(args.batch, args.steps, args.warmup)
-    print(f"mmjax : {ours['pairs_per_s']:8.1f} pairs/s  ({ours['step_s'] * 1e3:.0f} ms/step, "
-          f"{ours['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ours['params']} params)", flush=True)
+    print(
+        f"mmjax : {ours['pairs_per_s']:8.1f} pairs/s  ({ours['step_s'] * 1e3:.0f} ms/step, "
+        f"{ours['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ours['params']} params)",
+        flush=True,
+    )
     ref = bench_torch(args.batch, args.steps, args.warmup)
-    print(f"torch : {ref['pairs_per_s']:8.1f} pairs/s  ({ref['step_s'] * 1e3:.0f} ms/step, "
-          f"{ref['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ref['params']} params, torch {ref['torch']}, "
-          f"{ref['threads']} threads)", flush=True)
-    result = {"sizes": SIZES, "batch": args.batch, "steps": args.steps, "mmjax": ours, "torch": ref,
-              "ratio_ours_over_torch": ours["pairs_per_s"] / ref["pairs_per_s"],
-              "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / ref["pairs_per_cpu_s"]}
-    print(f"ratio ours/torch: {result['ratio_ours_over_torch']:.2f} (wall), "
-          f"{result['ratio_per_cpu_second']:.2f} (per CPU-second)")
+    print(
+        f"torch : {ref['pairs_per_s']:8.1f} pairs/s  ({ref['step_s'] * 1e3:.0f} ms/step, "
+        f"{ref['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ref['params']} params, torch {ref['torch']}, "
+        f"{ref['threads']} threads)",
+        flush=True,
+    )
+    result = {
+        "sizes": SIZES,
+        "batch": args.batch,
+        "steps": args.steps,
+        "mmjax": ours,
+        "torch": ref,
+        "ratio_ours_over_torch": ours["pairs_per_s"] / ref["pairs_per_s"],
+        "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / ref["pairs_per_cpu_s"],
+    }
+    print(
+        f"ratio ours/torch: {result['ratio_ours_over_torch']:.2f} (wall), "
+        f"{result['ratio_per_cpu_second']:.2f} (per CPU-second)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -83,8 +83,13 @@ def bench_graph(name, repeats):
     res = {"graph": name, "nodes": n, "edges": e, "self_loops_added": n, "f_in": f_in, "f_out": f_out}
 
     # ---------------- mmjax
-    g = Graph(nodes=jnp.asarray(x), senders=jnp.asarray(s), receivers=jnp.asarray(r), n_node=jnp.array([n]),
-              n_edge=jnp.array([e]))
+    g = Graph(
+        nodes=jnp.asarray(x),
+        senders=jnp.asarray(s),
+        receivers=jnp.asarray(r),
+        n_node=jnp.array([n]),
+        n_edge=jnp.array([e]),
+    )
     layer = gnn.GCNConv(features=f_out)
     params = layer.init(jax.random.key(0), g)["params"]
     cot_j = jnp.asarray(cot)
@@ -146,22 +151,28 @@ def main(argv=None):
     for name in names:
         if name not in GRAPHS:
             raise ValueError(f"--graphs must name graphs from {sorted(GRAPHS)}, got {name!r}.")
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), torch_geometric {torch_geometric.__version__}")
+    print(
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), torch_geometric {torch_geometric.__version__}"
+    )
     results = []
     for name in names:
         res = bench_graph(name, args.repeats)
         results.append(res)
-        print(f"\n== {name}: {res['nodes']:,} nodes, {res['edges']:,} edges + {res['nodes']:,} self loops, "
-              f"{res['f_in']} -> {res['f_out']} features")
+        print(
+            f"\n== {name}: {res['nodes']:,} nodes, {res['edges']:,} edges + {res['nodes']:,} self loops, "
+            f"{res['f_in']} -> {res['f_out']} features"
+        )
         best_pyg = {k: min(res[f"pyg edge_index {k}"], res[f"pyg csr cached {k}"]) for k in ("fwd", "fwd+bwd")}
         print(f"{'path':<18}{'fwd ms':>10}{'fwd+bwd ms':>13}{'  best PyG / this (fwd, fwd+bwd)':>34}")
         for tag in ("mmjax default", "mmjax cached", "pyg edge_index", "pyg csr cached"):
             f, fb = res[f"{tag} fwd"], res[f"{tag} fwd+bwd"]
             print(f"{tag:<18}{f:>10.2f}{fb:>13.2f}{best_pyg['fwd'] / f:>17.2f}x{best_pyg['fwd+bwd'] / fb:>15.2f}x")
         print(f"mmjax cached preprocessing (once per graph, incl. compile): {res['mmjax_cached_preprocess_ms']:.1f} ms")
-        print(f"max |mmjax - pyg| = {res['max_abs_diff_mmjax_vs_pyg']:.2e}, "
-              f"max |pyg csr - pyg| = {res['max_abs_diff_pyg_csr_vs_pyg']:.2e}")
+        print(
+            f"max |mmjax - pyg| = {res['max_abs_diff_mmjax_vs_pyg']:.2e}, "
+            f"max |pyg csr - pyg| = {res['max_abs_diff_pyg_csr_vs_pyg']:.2e}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -68,8 +68,16 @@ def bench_mmjax(cfg: dict, steps: int) -> dict:
 
     from mmjax.vit import ViT
 
-    model = ViT(variant=None, width=cfg["width"], depth=cfg["depth"], num_heads=cfg["heads"], mlp_dim=cfg["mlp"],
-                patch_size=cfg["patch"], num_classes=cfg["classes"], head_zero_init=False)
+    model = ViT(
+        variant=None,
+        width=cfg["width"],
+        depth=cfg["depth"],
+        num_heads=cfg["heads"],
+        mlp_dim=cfg["mlp"],
+        patch_size=cfg["patch"],
+        num_classes=cfg["classes"],
+        head_zero_init=False,
+    )
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randn(cfg["batch"], cfg["image"], cfg["image"], cfg["channels"]).astype(np.float32))
     labels = jnp.asarray(rng.randint(0, cfg["classes"], cfg["batch"]))
@@ -98,8 +106,13 @@ def bench_mmjax(cfg: dict, steps: int) -> dict:
         loss.block_until_ready()
 
     seconds, cpu = _timeit(one, steps, warmup=2)
-    return dict(images_per_s=cfg["batch"] / seconds, images_per_cpu_s=cfg["batch"] / cpu, step_s=seconds,
-                flops_per_step=flops, flops_per_s=flops / seconds)
+    return dict(
+        images_per_s=cfg["batch"] / seconds,
+        images_per_cpu_s=cfg["batch"] / cpu,
+        step_s=seconds,
+        flops_per_step=flops,
+        flops_per_s=flops / seconds,
+    )
 
 
 def bench_torch(cfg: dict, steps: int) -> dict:
@@ -108,10 +121,18 @@ def bench_torch(cfg: dict, steps: int) -> dict:
     import transformers
 
     config = transformers.ViTConfig(
-        hidden_size=cfg["width"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["heads"],
-        intermediate_size=cfg["mlp"], image_size=cfg["image"], patch_size=cfg["patch"],
-        num_channels=cfg["channels"], num_labels=cfg["classes"], hidden_act="gelu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hidden_size=cfg["width"],
+        num_hidden_layers=cfg["depth"],
+        num_attention_heads=cfg["heads"],
+        intermediate_size=cfg["mlp"],
+        image_size=cfg["image"],
+        patch_size=cfg["patch"],
+        num_channels=cfg["channels"],
+        num_labels=cfg["classes"],
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -126,9 +147,13 @@ def bench_torch(cfg: dict, steps: int) -> dict:
         opt.step()
 
     seconds, cpu = _timeit(one, steps, warmup=2)
-    return dict(images_per_s=cfg["batch"] / seconds, images_per_cpu_s=cfg["batch"] / cpu, step_s=seconds,
-                threads=torch.get_num_threads(),
-                attn=config._attn_implementation)
+    return dict(
+        images_per_s=cfg["batch"] / seconds,
+        images_per_cpu_s=cfg["batch"] / cpu,
+        step_s=seconds,
+        threads=torch.get_num_threads(),
+        attn=config._attn_implementation,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,13 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     peak = matmul_peak()
-    results = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "matmul_peak_flops": peak,
-               "configs": {}}
-    print(f"matmul peak (2048^2 f32 jnp.dot): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPU cores; "
-          f"load average {os.getloadavg()[0]:.1f} (timings shared with other processes are pessimistic)")
+    results = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "matmul_peak_flops": peak, "configs": {}}
+    print(
+        f"matmul peak (2048^2 f32 jnp.dot): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPU cores; "
+        f"load average {os.getloadavg()[0]:.1f} (timings shared with other processes are pessimistic)"
+    )
     results["load_average"] = os.getloadavg()[0]
-    header = (f"{'config':8} {'batch':>5} {'mmjax img/s':>12} {'torch img/s':>12} {'ours/torch':>10} "
-              f"{'img/cpu-s ours':>14} {'torch':>6} {'ratio':>6} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}")
+    header = (
+        f"{'config':8} {'batch':>5} {'mmjax img/s':>12} {'torch img/s':>12} {'ours/torch':>10} "
+        f"{'img/cpu-s ours':>14} {'torch':>6} {'ratio':>6} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}"
+    )
     rows = []
     for name in names:
         cfg = CONFIGS[name]
@@ -159,10 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = ours["images_per_s"] / theirs["images_per_s"]
         cpu_ratio = ours["images_per_cpu_s"] / theirs["images_per_cpu_s"]
         results["configs"][name] = dict(config=cfg, mmjax=ours, torch=theirs, ratio=ratio, cpu_ratio=cpu_ratio)
-        rows.append(f"{name:8} {cfg['batch']:5d} {ours['images_per_s']:12.1f} {theirs['images_per_s']:12.1f} "
-                    f"{ratio:10.2f} {ours['images_per_cpu_s']:14.1f} {theirs['images_per_cpu_s']:6.1f} "
-                    f"{cpu_ratio:6.2f} {ours['flops_per_step'] / 1e9:10.1f} {ours['flops_per_s'] / 1e9:8.1f} "
-                    f"{100 * ours['flops_per_s'] / peak:6.1f}%")
+        rows.append(
+            f"{name:8} {cfg['batch']:5d} {ours['images_per_s']:12.1f} {theirs['images_per_s']:12.1f} "
+            f"{ratio:10.2f} {ours['images_per_cpu_s']:14.1f} {theirs['images_per_cpu_s']:6.1f} "
+            f"{cpu_ratio:6.2f} {ours['flops_per_step'] / 1e9:10.1f} {ours['flops_per_s'] / 1e9:8.1f} "
+            f"{100 * ours['flops_per_s'] / peak:6.1f}%"
+        )
         print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     if args.json:
         with open(args.json, "w") as f:

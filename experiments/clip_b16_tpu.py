@@ -44,18 +44,41 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_config()
     config.seed = 0
     config.task = "contrastive"
-    config.model = ml_collections.ConfigDict(dict(
-        name="clip", preset="ViT-B/16", dtype="bfloat16", tokenizer="bpe", bpe_path="",
-        image_size=224, context_length=77, remat=True, scan=True,
-    ))
-    config.data = ml_collections.ConfigDict(dict(
-        name="tfds", tfds_name="coco_captions", data_dir="", train_split="train", eval_split="val",
-        image_key="image", caption_key="captions/text", image_size=224,
-        mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
-    ))
-    config.contrastive = ml_collections.ConfigDict(dict(
-        loss="softmax", freeze_image_tower=False, micro_batches=1, sigmoid_chunk_size=0,
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="clip",
+            preset="ViT-B/16",
+            dtype="bfloat16",
+            tokenizer="bpe",
+            bpe_path="",
+            image_size=224,
+            context_length=77,
+            remat=True,
+            scan=True,
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="tfds",
+            tfds_name="coco_captions",
+            data_dir="",
+            train_split="train",
+            eval_split="val",
+            image_key="image",
+            caption_key="captions/text",
+            image_size=224,
+            mean=(0.48145466, 0.4578275, 0.40821073),
+            std=(0.26862954, 0.26130258, 0.27577711),
+        )
+    )
+    config.contrastive = ml_collections.ConfigDict(
+        dict(
+            loss="softmax",
+            freeze_image_tower=False,
+            micro_batches=1,
+            sigmoid_chunk_size=0,
+        )
+    )
     config.batch_size = 32768
     config.eval_batch_size = 4096
     config.num_steps = 0

@@ -88,22 +88,55 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_config()
     config.seed = 0
     config.task = "contrastive"
-    config.model = ml_collections.ConfigDict(dict(
-        name="clip", dtype="float32", tokenizer="word",
-        embed_dim=128, image_size=48, patch_size=1,
-        vision_stem_features=(32, 64, 128, 128), vision_stem_impl="matmul",
-        vision_width=128, vision_depth=2, vision_heads=4, vision_mlp_dim=256,
-        context_length=16, text_width=128, text_depth=1, text_heads=4, text_mlp_dim=256,
-        logit_scale_init=3.4012, remat=False,  # log(30)
-    ))
-    config.data = ml_collections.ConfigDict(dict(
-        name="fashion_mnist_captions", data_dir="", image_size=48, num_train=0, num_test=2000, num_heldout=2000,
-        data_seed=0, mean=0.25, std=0.35, colour_space="hsv",
-        groups_per_batch=8, group_by=("size", "position"), subgroup_by=("colour",), subgroups_per_group=2,
-    ))
-    config.contrastive = ml_collections.ConfigDict(dict(
-        loss="softmax", freeze_image_tower=False, micro_batches=1, sigmoid_chunk_size=0,
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="clip",
+            dtype="float32",
+            tokenizer="word",
+            embed_dim=128,
+            image_size=48,
+            patch_size=1,
+            vision_stem_features=(32, 64, 128, 128),
+            vision_stem_impl="matmul",
+            vision_width=128,
+            vision_depth=2,
+            vision_heads=4,
+            vision_mlp_dim=256,
+            context_length=16,
+            text_width=128,
+            text_depth=1,
+            text_heads=4,
+            text_mlp_dim=256,
+            logit_scale_init=3.4012,
+            remat=False,  # log(30)
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="fashion_mnist_captions",
+            data_dir="",
+            image_size=48,
+            num_train=0,
+            num_test=2000,
+            num_heldout=2000,
+            data_seed=0,
+            mean=0.25,
+            std=0.35,
+            colour_space="hsv",
+            groups_per_batch=8,
+            group_by=("size", "position"),
+            subgroup_by=("colour",),
+            subgroups_per_group=2,
+        )
+    )
+    config.contrastive = ml_collections.ConfigDict(
+        dict(
+            loss="softmax",
+            freeze_image_tower=False,
+            micro_batches=1,
+            sigmoid_chunk_size=0,
+        )
+    )
     config.batch_size = 256
     config.eval_batch_size = 500
     config.num_steps = 2250

@@ -17,10 +17,19 @@ from mmjax.train.config import default_config
 def get_config() -> ml_collections.ConfigDict:
     """Tiny ViT (width 16, depth 1, patch 7), 8 steps of batch 32, then evaluation on the test split."""
     config = default_config()
-    config.model = ml_collections.ConfigDict(dict(
-        name="vit", variant=None, width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=7,
-        pool_type="gap", class_token=False,
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="vit",
+            variant=None,
+            width=16,
+            depth=1,
+            num_heads=2,
+            mlp_dim=32,
+            patch_size=7,
+            pool_type="gap",
+            class_token=False,
+        )
+    )
     config.data.name = "fashion_mnist"
     config.data.crop_padding = 2
     config.data.flip = True

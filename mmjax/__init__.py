@@ -36,8 +36,25 @@ _EXPORTS = {
     "from_hf": "convert",
     "train_and_evaluate": "train",
 }
-_SUBMODULES = ("attention", "layers", "vit", "text", "clip", "tokenizer", "preprocess", "graph", "segment", "gnn",
-               "graph_models", "losses", "evaluate", "convert", "data", "train", "cli")
+_SUBMODULES = (
+    "attention",
+    "layers",
+    "vit",
+    "text",
+    "clip",
+    "tokenizer",
+    "preprocess",
+    "graph",
+    "segment",
+    "gnn",
+    "graph_models",
+    "losses",
+    "evaluate",
+    "convert",
+    "data",
+    "train",
+    "cli",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

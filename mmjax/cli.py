@@ -21,7 +21,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -77,7 +77,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str
                     node[part] = ml_collections.ConfigDict()
             node = node[part]
             if not isinstance(node, ml_collections.ConfigDict):
-                raise ValueError(f"--config.{key}: config.{'.'.join(parents[:i + 1])} is not a section")
+                raise ValueError(f"--config.{key}: config.{'.'.join(parents[: i + 1])} is not a section")
         old = node.get(leaf, None) if leaf in node else None
         if old is not None and not isinstance(old, ml_collections.ConfigDict):
             if isinstance(old, bool) and not isinstance(value, bool):
@@ -100,7 +100,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str,
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config.") and len(arg) > len("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" in body:
                 key, value = body.split("=", 1)
             elif i + 1 < len(argv):
@@ -129,14 +129,24 @@ def initialize_distributed(config) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ train
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, metavar="FILE",
-                   help="experiment config file defining get_config() (e.g. experiments/fashion_mnist_vit.py)")
-    p.add_argument("--workdir", required=True, metavar="DIR",
-                   help="run directory: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png; "
-                        "rerunning with the same DIR resumes from its latest checkpoint")
-    p.epilog = ("Overrides: --config.KEY=VALUE sets a (nested) config field, e.g. --config.batch_size=256 "
-                "--config.optimizer.lr=1e-3 --config.parallel.mode=pmap --config.data.data_dir=/path. "
-                "SIGTERM saves a checkpoint and exits 0; rerun the same command to continue.")
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="experiment config file defining get_config() (e.g. experiments/fashion_mnist_vit.py)",
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help="run directory: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png; "
+        "rerunning with the same DIR resumes from its latest checkpoint",
+    )
+    p.epilog = (
+        "Overrides: --config.KEY=VALUE sets a (nested) config field, e.g. --config.batch_size=256 "
+        "--config.optimizer.lr=1e-3 --config.parallel.mode=pmap --config.data.data_dir=/path. "
+        "SIGTERM saves a checkpoint and exits 0; rerun the same command to continue."
+    )
 
 
 def _run_train(args) -> int:
@@ -147,21 +157,33 @@ def _run_train(args) -> int:
     result = train_and_evaluate(config, args.workdir)
     print(json.dumps(result, indent=2, default=str))
     if result.get("preempted"):
-        print(f"stopped by SIGTERM at step {result['step']}; checkpoint saved in {result['workdir']}; "
-              "rerun the same command to resume", file=sys.stderr)
+        print(
+            f"stopped by SIGTERM at step {result['step']}; checkpoint saved in {result['workdir']}; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
     else:
         acc = result.get("eval_accuracy")
-        print(f"done: step {result['step']}, " + (f"eval accuracy {acc:.4f}, " if acc is not None else "")
-              + f"wall time {result['wall_time_s']:.1f} s, workdir {result['workdir']}")
+        print(
+            f"done: step {result['step']}, "
+            + (f"eval accuracy {acc:.4f}, " if acc is not None else "")
+            + f"wall time {result['wall_time_s']:.1f} s, workdir {result['workdir']}"
+        )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------- eval
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, metavar="DIR",
-                   help="a training run's directory: its config.json and latest checkpoint are evaluated")
-    p.epilog = ("Overrides: --config.KEY=VALUE changes the saved config for this evaluation, e.g. "
-                "--config.data.eval_split=test --config.eval_batch_size=1000 --config.parallel.mode=single.")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help="a training run's directory: its config.json and latest checkpoint are evaluated",
+    )
+    p.epilog = (
+        "Overrides: --config.KEY=VALUE changes the saved config for this evaluation, e.g. "
+        "--config.data.eval_split=test --config.eval_batch_size=1000 --config.parallel.mode=single."
+    )
 
 
 def _run_eval(args) -> int:
@@ -175,17 +197,25 @@ def _run_eval(args) -> int:
 # ---------------------------------------------------------------------------------------------------- convert
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="DIR",
-                     help="a Hugging Face CLIP directory (config.json + model.safetensors or pytorch_model.bin)")
-    src.add_argument("--to-hf", metavar="DIR",
-                     help="an mmjax directory written by 'mmjax convert --from-hf' (mmjax_config.json + "
-                          "params.safetensors), written back in the Hugging Face layout")
+    src.add_argument(
+        "--from-hf",
+        metavar="DIR",
+        help="a Hugging Face CLIP directory (config.json + model.safetensors or pytorch_model.bin)",
+    )
+    src.add_argument(
+        "--to-hf",
+        metavar="DIR",
+        help="an mmjax directory written by 'mmjax convert --from-hf' (mmjax_config.json + "
+        "params.safetensors), written back in the Hugging Face layout",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    p.epilog = ("--from-hf writes params.safetensors (flat 'a/b/c' keys of the mmjax parameter tree) and "
-                "mmjax_config.json; load them with mmjax.convert.hf_clip.load_dir(DIR). --to-hf writes model.safetensors "
-                "+ config.json that transformers.CLIPModel.from_pretrained(DIR) loads. Weights are read without "
-                "unpickling (safetensors; pytorch_model.bin only through torch.load(weights_only=True)). "
-                "ViT checkpoints: use mmjax.convert.from_hf(DIR) in Python.")
+    p.epilog = (
+        "--from-hf writes params.safetensors (flat 'a/b/c' keys of the mmjax parameter tree) and "
+        "mmjax_config.json; load them with mmjax.convert.hf_clip.load_dir(DIR). --to-hf writes model.safetensors "
+        "+ config.json that transformers.CLIPModel.from_pretrained(DIR) loads. Weights are read without "
+        "unpickling (safetensors; pytorch_model.bin only through torch.load(weights_only=True)). "
+        "ViT checkpoints: use mmjax.convert.from_hf(DIR) in Python."
+    )
 
 
 def _run_convert(args) -> int:
@@ -195,11 +225,15 @@ def _run_convert(args) -> int:
     if args.from_hf:
         model_type = load_config(args.from_hf).get("model_type")
         if model_type != "clip":
-            raise ValueError(f"--from-hf {args.from_hf!r}: config.json has model_type {model_type!r}; the command "
-                             "line converts 'clip' checkpoints (for 'vit' use mmjax.convert.from_hf in Python)")
+            raise ValueError(
+                f"--from-hf {args.from_hf!r}: config.json has model_type {model_type!r}; the command "
+                "line converts 'clip' checkpoints (for 'vit' use mmjax.convert.from_hf in Python)"
+            )
         config = hf_clip.convert_hf_dir(args.from_hf, args.out)
-        print(f"converted {args.from_hf} -> {args.out} (mmjax CLIP, vision width {config.vision_width}, "
-              f"text width {config.text_width}, embedding {config.embed_dim})")
+        print(
+            f"converted {args.from_hf} -> {args.out} (mmjax CLIP, vision width {config.vision_width}, "
+            f"text width {config.text_width}, embedding {config.embed_dim})"
+        )
     else:
         config, params = hf_clip.load_dir(args.to_hf)
         hf_clip.to_hf_dir(config, params, args.out)
@@ -217,11 +251,16 @@ def _experiments_dir() -> str:
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=BENCHMARKS, help="which benchmark: experiments/bench_NAME.py")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="arguments passed to the benchmark (see 'mmjax bench NAME --help'), e.g. --json out.json")
-    p.epilog = ("Each benchmark runs mmjax and its reference (jax.nn / torch SDPA, transformers, PyTorch Geometric) in "
-                "one run and prints a table of times with ratios ours / reference. Needs a source checkout "
-                "(experiments/) and the test extra (pip install -e '.[test]').")
+    p.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="arguments passed to the benchmark (see 'mmjax bench NAME --help'), e.g. --json out.json",
+    )
+    p.epilog = (
+        "Each benchmark runs mmjax and its reference (jax.nn / torch SDPA, transformers, PyTorch Geometric) in "
+        "one run and prints a table of times with ratios ours / reference. Needs a source checkout "
+        "(experiments/) and the test extra (pip install -e '.[test]')."
+    )
 
 
 def _run_bench(args) -> int:
@@ -246,8 +285,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a config (resumes from the workdir's latest checkpoint)", _add_train_args, _run_train),
     "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
     "convert": ("convert CLIP weights between Hugging Face and mmjax layouts", _add_convert_args, _run_convert),
-    "bench": ("run a benchmark of mmjax against its reference (experiments/bench_NAME.py)", _add_bench_args,
-              _run_bench),
+    "bench": (
+        "run a benchmark of mmjax against its reference (experiments/bench_NAME.py)",
+        _add_bench_args,
+        _run_bench,
+    ),
 }
 
 
@@ -258,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     '/tmp/run'
     """
     parser = argparse.ArgumentParser(
-        prog="mmjax", description="mmjax: multimodal models in JAX/Flax - train, evaluate, convert weights, benchmark.")
+        prog="mmjax", description="mmjax: multimodal models in JAX/Flax - train, evaluate, convert weights, benchmark."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -116,8 +117,20 @@ class CLIPConfig:
     attention_implementation: str | None = None
 
     def __post_init__(self):
-        for name in ("embed_dim", "image_size", "patch_size", "num_channels", "vision_width", "vision_depth",
-                     "vision_heads", "vocab_size", "context_length", "text_width", "text_depth", "text_heads"):
+        for name in (
+            "embed_dim",
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "vision_width",
+            "vision_depth",
+            "vision_heads",
+            "vocab_size",
+            "context_length",
+            "text_width",
+            "text_depth",
+            "text_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CLIPConfig: {name} must be a positive int, got {value!r}.")
@@ -130,7 +143,8 @@ class CLIPConfig:
         if self.image_size % self.token_stride:
             raise ValueError(
                 f"CLIPConfig: image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
-                + (f" x stem stride {2 ** len(stem)}" if stem else "") + "."
+                + (f" x stem stride {2 ** len(stem)}" if stem else "")
+                + "."
             )
         for tower in ("vision", "text"):
             w, h = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
@@ -156,7 +170,7 @@ class CLIPConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPConfig:
         """Build from a dict or ``ml_collections.ConfigDict``; unknown keys raise ValueError naming them."""
         d = dict(d.to_dict() if hasattr(d, "to_dict") and not isinstance(d, Mapping) else d)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -165,12 +179,12 @@ class CLIPConfig:
             raise ValueError(f"CLIPConfig: unknown keys {unknown}; valid keys are {sorted(names)}.")
         return cls(**d)
 
-    def replace(self, **changes) -> "CLIPConfig":
+    def replace(self, **changes) -> CLIPConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, hf_config: Any, **overrides) -> "CLIPConfig":
+    def from_hf(cls, hf_config: Any, **overrides) -> CLIPConfig:
         """Build from a ``transformers.CLIPConfig`` or its ``config.json`` dict.
 
         Text pooling follows Hugging Face: ``"argmax"`` when the text config's ``eos_token_id == 2`` (configs
@@ -187,8 +201,10 @@ class CLIPConfig:
 
         def act(name, where):
             if name not in _HF_ACTIVATIONS:
-                raise ValueError(f"CLIPConfig.from_hf: {where}.hidden_act={name!r} is not supported; "
-                                 f"expected one of {sorted(_HF_ACTIVATIONS)}.")
+                raise ValueError(
+                    f"CLIPConfig.from_hf: {where}.hidden_act={name!r} is not supported; "
+                    f"expected one of {sorted(_HF_ACTIVATIONS)}."
+                )
             return _HF_ACTIVATIONS[name]
 
         eos = int(t.get("eos_token_id", 49407))
@@ -220,19 +236,28 @@ class CLIPConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict of the equivalent ``transformers.CLIPConfig`` (model_type ``"clip"``)."""
-        inv = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
-               "silu": "silu"}
+        inv = {
+            "quick_gelu": "quick_gelu",
+            "gelu": "gelu",
+            "gelu_tanh": "gelu_pytorch_tanh",
+            "relu": "relu",
+            "silu": "silu",
+        }
         for name in ("vision_activation", "text_activation"):
             if getattr(self, name) not in inv:
                 raise ValueError(f"to_hf_dict: {name}={getattr(self, name)!r} has no Hugging Face equivalent.")
         if self.text_pooling not in ("eot", "argmax"):
-            raise ValueError(f"to_hf_dict: text_pooling={self.text_pooling!r} has no Hugging Face equivalent; "
-                             "Hugging Face CLIP pools at the end-of-text token ('eot' or 'argmax').")
+            raise ValueError(
+                f"to_hf_dict: text_pooling={self.text_pooling!r} has no Hugging Face equivalent; "
+                "Hugging Face CLIP pools at the end-of-text token ('eot' or 'argmax')."
+            )
         if self.logit_bias_init is not None:
             raise ValueError("to_hf_dict: Hugging Face CLIPModel has no logit_bias; use logit_bias_init=None.")
         if self.vision_stem_features:
-            raise ValueError(f"to_hf_dict: vision_stem_features={self.vision_stem_features} (a hybrid image tower) "
-                             "has no Hugging Face CLIP equivalent; use vision_stem_features=().")
+            raise ValueError(
+                f"to_hf_dict: vision_stem_features={self.vision_stem_features} (a hybrid image tower) "
+                "has no Hugging Face CLIP equivalent; use vision_stem_features=()."
+            )
         return {
             "model_type": "clip",
             "architectures": ["CLIPModel"],
@@ -270,8 +295,17 @@ class CLIPConfig:
 
 
 def _openai(embed, image, patch, vw, vd, tw, td) -> CLIPConfig:
-    return CLIPConfig(embed_dim=embed, image_size=image, patch_size=patch, vision_width=vw, vision_depth=vd,
-                      vision_heads=vw // 64, text_width=tw, text_depth=td, text_heads=tw // 64)
+    return CLIPConfig(
+        embed_dim=embed,
+        image_size=image,
+        patch_size=patch,
+        vision_width=vw,
+        vision_depth=vd,
+        vision_heads=vw // 64,
+        text_width=tw,
+        text_depth=td,
+        text_heads=tw // 64,
+    )
 
 
 #: Named configurations: OpenAI's released sizes, and tiny ones for tests.
@@ -280,11 +314,36 @@ CONFIGS: dict[str, CLIPConfig] = {
     "ViT-B/16": _openai(512, 224, 16, 768, 12, 512, 12),
     "ViT-L/14": _openai(768, 224, 14, 1024, 24, 768, 12),
     "ViT-L/14-336": _openai(768, 336, 14, 1024, 24, 768, 12),
-    "tiny": CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vision_depth=2, vision_heads=4,
-                       vocab_size=64, context_length=12, text_width=32, text_depth=2, text_heads=4, eot_id=63),
-    "tiny-siglip": CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vision_depth=2,
-                              vision_heads=4, vocab_size=64, context_length=12, text_width=32, text_depth=2,
-                              text_heads=4, eot_id=63, logit_scale_init=math.log(10.0), logit_bias_init=-10.0),
+    "tiny": CLIPConfig(
+        embed_dim=16,
+        image_size=16,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=2,
+        vision_heads=4,
+        vocab_size=64,
+        context_length=12,
+        text_width=32,
+        text_depth=2,
+        text_heads=4,
+        eot_id=63,
+    ),
+    "tiny-siglip": CLIPConfig(
+        embed_dim=16,
+        image_size=16,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=2,
+        vision_heads=4,
+        vocab_size=64,
+        context_length=12,
+        text_width=32,
+        text_depth=2,
+        text_heads=4,
+        eot_id=63,
+        logit_scale_init=math.log(10.0),
+        logit_bias_init=-10.0,
+    ),
 }
 
 

@@ -174,8 +174,9 @@ def zero_shot_accuracy(image_embeds, class_embeds, labels, k: Sequence[int] = (1
 # ----------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_recall(image_embeds, text_embeds, k: Sequence[int] = (1, 5, 10), text_to_image=None,
-                     block_size: int = 1024) -> dict[str, float]:
+def retrieval_recall(
+    image_embeds, text_embeds, k: Sequence[int] = (1, 5, 10), text_to_image=None, block_size: int = 1024
+) -> dict[str, float]:
     """Image->text and text->image Recall@K on cosine similarity, with several captions per image.
 
     Image->text: image ``i`` is a hit at ``K`` if any of its captions ``{j : text_to_image[j] == i}`` is among
@@ -219,15 +220,15 @@ def retrieval_recall(image_embeds, text_embeds, k: Sequence[int] = (1, 5, 10), t
     # text -> image: rank of the caption's own image
     t2i_rank = np.empty(n_txt, np.int64)
     for s in range(0, n_txt, block_size):
-        sim = txt[s:s + block_size] @ img.T  # [b, N_img]
-        own = sim[np.arange(len(sim)), t2i[s:s + block_size]]
-        t2i_rank[s:s + block_size] = np.sum(sim > own[:, None], axis=1)
+        sim = txt[s : s + block_size] @ img.T  # [b, N_img]
+        own = sim[np.arange(len(sim)), t2i[s : s + block_size]]
+        t2i_rank[s : s + block_size] = np.sum(sim > own[:, None], axis=1)
     # image -> text: rank of the best-scoring own caption
     i2t_rank = np.empty(n_img, np.int64)
     for s in range(0, n_img, block_size):
-        sim = img[s:s + block_size] @ txt.T  # [b, N_txt]
+        sim = img[s : s + block_size] @ txt.T  # [b, N_txt]
         own = np.where(t2i[None, :] == np.arange(s, s + len(sim))[:, None], sim, -np.inf).max(axis=1)
-        i2t_rank[s:s + block_size] = np.sum(sim > own[:, None], axis=1)
+        i2t_rank[s : s + block_size] = np.sum(sim > own[:, None], axis=1)
     out = {}
     for kk in ks:
         out[f"image_to_text_R@{kk}"] = float(np.mean(i2t_rank < kk))
@@ -251,9 +252,17 @@ def _ridge_fit(x, y_onehot, l2s):
         yield l2, w, mean_y - mean_x @ w
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, l2: float | None = None,
-                 l2_grid: Sequence[float] = tuple(10.0 ** np.arange(-6, 3)), val_fraction: float = 0.2,
-                 num_classes: int | None = None, seed: int = 0) -> dict[str, float]:
+def linear_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    l2: float | None = None,
+    l2_grid: Sequence[float] = tuple(10.0 ** np.arange(-6, 3)),
+    val_fraction: float = 0.2,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Accuracy of a ridge-regression classifier on frozen features (closed form, no training loop).
 
     Targets are one-hot ``Y``; with centred features ``Xc`` and targets ``Yc``::
@@ -302,13 +311,14 @@ def linear_probe(train_features, train_labels, test_features, test_labels, l2: f
         order = np.random.default_rng(seed).permutation(len(xtr))
         n_val = min(max(1, int(round(val_fraction * len(xtr)))), len(xtr) - 1)
         val, fit = order[:n_val], order[n_val:]
-        scores = [(acc(xtr[val], ytr[val], w, b), -lam, lam)
-                  for lam, w, b in _ridge_fit(xtr[fit], onehot[ytr[fit]], l2_grid)]
+        scores = [
+            (acc(xtr[val], ytr[val], w, b), -lam, lam) for lam, w, b in _ridge_fit(xtr[fit], onehot[ytr[fit]], l2_grid)
+        ]
         best_acc, _, l2 = max(scores)  # ties -> the larger l2 (simpler model)
         out["val_accuracy"] = best_acc
     elif l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}.")
-    (_, w, b), = _ridge_fit(xtr, onehot[ytr], [l2])
+    ((_, w, b),) = _ridge_fit(xtr, onehot[ytr], [l2])
     out["accuracy"] = acc(xte, yte, w, b)
     out["l2"] = float(l2)
     return out
@@ -331,7 +341,8 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
     labels = _as_labels("labels", labels, len(labels), num_classes)
     preds = _as_labels("predictions", predictions, len(labels), num_classes)
     return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
+        num_classes, num_classes
+    )
 
 
 def _agg_figure(width, height):
@@ -350,8 +361,14 @@ def _save(fig, path, dpi):
     return str(path)
 
 
-def plot_confusion_matrix(cm, classnames: Sequence[str], path: str | os.PathLike, normalize: bool = True,
-                          title: str | None = None, dpi: int = 100) -> str:
+def plot_confusion_matrix(
+    cm,
+    classnames: Sequence[str],
+    path: str | os.PathLike,
+    normalize: bool = True,
+    title: str | None = None,
+    dpi: int = 100,
+) -> str:
     """Writes a confusion matrix heat map (rows true, columns predicted) as a PNG; returns ``path``.
 
     With ``normalize`` each row is divided by its count, so the diagonal reads as per-class recall.
@@ -382,14 +399,23 @@ def plot_confusion_matrix(cm, classnames: Sequence[str], path: str | os.PathLike
     for t in range(c):
         for p in range(c):
             text = f"{values[t, p]:.2f}" if normalize else str(int(values[t, p]))
-            ax.text(p, t, text, ha="center", va="center", fontsize=7,
-                    color="white" if values[t, p] > threshold else "black")
+            ax.text(
+                p, t, text, ha="center", va="center", fontsize=7, color="white" if values[t, p] > threshold else "black"
+            )
     fig.tight_layout()
     return _save(fig, path, dpi)
 
 
-def plot_retrieval_grid(queries: Sequence[str], query_embeds, image_embeds, images, path: str | os.PathLike,
-                        k: int = 5, relevant=None, dpi: int = 100) -> str:
+def plot_retrieval_grid(
+    queries: Sequence[str],
+    query_embeds,
+    image_embeds,
+    images,
+    path: str | os.PathLike,
+    k: int = 5,
+    relevant=None,
+    dpi: int = 100,
+) -> str:
     """Writes a PNG grid: one row per text query, its ``k`` most similar images left to right.
 
     Args:

@@ -26,7 +26,8 @@ order given, with the same custom backward.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -38,8 +39,19 @@ from mmjax import segment
 
 Array = jax.Array
 
-__all__ = ["GCNAdjacency", "gcn_norm", "gcn_adjacency", "propagate", "MessagePassing", "GraphConv", "GCNConv",
-           "GATConv", "readout", "AttentionReadout", "READOUTS"]
+__all__ = [
+    "GCNAdjacency",
+    "gcn_norm",
+    "gcn_adjacency",
+    "propagate",
+    "MessagePassing",
+    "GraphConv",
+    "GCNConv",
+    "GATConv",
+    "readout",
+    "AttentionReadout",
+    "READOUTS",
+]
 
 glorot = nn.initializers.glorot_uniform()
 
@@ -152,8 +164,14 @@ def _check_edge_weight(edge_weight, graph):
     return jnp.asarray(edge_weight)
 
 
-def gcn_norm(graph: gr.Graph, edge_weight=None, add_self_loops: bool = True, improved: bool = False,
-             normalize: bool = True, dtype=jnp.float32):
+def gcn_norm(
+    graph: gr.Graph,
+    edge_weight=None,
+    add_self_loops: bool = True,
+    improved: bool = False,
+    normalize: bool = True,
+    dtype=jnp.float32,
+):
     """GCN edge weights with PyG's ``gcn_norm`` semantics, as static-shape arrays (``jit``-able).
 
     With ``normalize``: "remaining" self loops are added (a node that already has a self loop keeps its weight,
@@ -204,8 +222,14 @@ def gcn_norm(graph: gr.Graph, edge_weight=None, add_self_loops: bool = True, imp
     return senders, receivers, dis[senders] * w * dis[receivers]
 
 
-def gcn_adjacency(graph: gr.Graph, edge_weight=None, add_self_loops: bool = True, improved: bool = False,
-                  normalize: bool = True, dtype=jnp.float32) -> GCNAdjacency:
+def gcn_adjacency(
+    graph: gr.Graph,
+    edge_weight=None,
+    add_self_loops: bool = True,
+    improved: bool = False,
+    normalize: bool = True,
+    dtype=jnp.float32,
+) -> GCNAdjacency:
     """Normalise once and sort for the fast GCN path (PyG ``cached=True`` analogue); pass to ``GCNConv(adjacency=)``.
 
     Same weights as :func:`gcn_norm`; edges sorted by receiver (stable), and a transposed copy sorted by sender.
@@ -221,8 +245,14 @@ def gcn_adjacency(graph: gr.Graph, edge_weight=None, add_self_loops: bool = True
     s, r, w = gcn_norm(graph, edge_weight, add_self_loops, improved, normalize, dtype)
     order = jnp.argsort(r, stable=True)
     t_order = jnp.argsort(s, stable=True)
-    return GCNAdjacency(senders=s[order], receivers=r[order], weights=w[order], t_senders=s[t_order],
-                        t_receivers=r[t_order], t_weights=w[t_order])
+    return GCNAdjacency(
+        senders=s[order],
+        receivers=r[order],
+        weights=w[order],
+        t_senders=s[t_order],
+        t_receivers=r[t_order],
+        t_weights=w[t_order],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,8 +285,8 @@ class MessagePassing(nn.Module):
     [[1.0], [2.0], [6.0]]
     """
 
-    message_fn: Optional[Callable] = None
-    update_fn: Optional[Callable] = None
+    message_fn: Callable | None = None
+    update_fn: Callable | None = None
     aggregation: str = "sum"
 
     @nn.compact
@@ -291,7 +321,7 @@ class GraphConv(nn.Module):
     features: int
     use_bias: bool = True
     self_term: bool = False
-    activation: Optional[Callable] = None
+    activation: Callable | None = None
     kernel_init: Callable = glorot
 
     @nn.compact
@@ -343,15 +373,17 @@ class GCNConv(nn.Module):
     kernel_init: Callable = glorot
 
     @nn.compact
-    def __call__(self, graph: gr.Graph, edge_weight=None, adjacency: Optional[GCNAdjacency] = None) -> Array:
+    def __call__(self, graph: gr.Graph, edge_weight=None, adjacency: GCNAdjacency | None = None) -> Array:
         h = _nodes(graph)
         n = h.shape[0]
         kernel = self.param("kernel", self.kernel_init, (h.shape[-1], self.features), h.dtype)
         xw = h @ kernel
         if adjacency is not None:
             if edge_weight is not None:
-                raise ValueError("edge_weight must be None when adjacency is given (fold the weights into "
-                                 "gcn_adjacency(graph, edge_weight=...)).")
+                raise ValueError(
+                    "edge_weight must be None when adjacency is given (fold the weights into "
+                    "gcn_adjacency(graph, edge_weight=...))."
+                )
             a = adjacency
             # Forward: edges in sender order, so the gather x[s] reads rows in order (on CPU the gather, not the
             # scatter, dominates). Backward: edges in receiver order, so the gather g[r] reads rows in order.
@@ -447,8 +479,9 @@ def readout(graph: gr.Graph, kind: str = "mean", node_features=None) -> Array:
     h = jnp.asarray(graph.nodes if node_features is None else node_features)
     if h.shape[0] != graph.nodes.shape[0]:
         raise ValueError(f"node_features must have {graph.nodes.shape[0]} rows (one per node), got {h.shape}.")
-    return segment.segment_aggregate(kind, h, gr.node_graph_index(graph), gr.num_graphs(graph),
-                                     mask=gr.node_mask(graph), indices_are_sorted=True)
+    return segment.segment_aggregate(
+        kind, h, gr.node_graph_index(graph), gr.num_graphs(graph), mask=gr.node_mask(graph), indices_are_sorted=True
+    )
 
 
 class AttentionReadout(nn.Module):
@@ -468,7 +501,7 @@ class AttentionReadout(nn.Module):
     (2, 4)
     """
 
-    features: Optional[int] = None
+    features: int | None = None
 
     @nn.compact
     def __call__(self, graph: gr.Graph, node_features=None) -> Array:

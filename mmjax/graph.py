@@ -20,14 +20,30 @@ touch a real node. :func:`node_mask`, :func:`edge_mask` and :func:`graph_mask` t
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Graph", "validate", "batch", "unbatch", "pad", "unpad", "node_mask", "edge_mask", "graph_mask",
-           "budget", "next_power_of_two", "dynamically_batch", "node_graph_index", "num_graphs", "is_concrete"]
+__all__ = [
+    "Graph",
+    "validate",
+    "batch",
+    "unbatch",
+    "pad",
+    "unpad",
+    "node_mask",
+    "edge_mask",
+    "graph_mask",
+    "budget",
+    "next_power_of_two",
+    "dynamically_batch",
+    "node_graph_index",
+    "num_graphs",
+    "is_concrete",
+]
 
 
 class Graph(NamedTuple):
@@ -68,7 +84,7 @@ def _dtype(x):
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def validate(graph: Graph, node_rank: Optional[int] = None) -> Graph:
+def validate(graph: Graph, node_rank: int | None = None) -> Graph:
     """Check a graph's shapes and dtypes (always) and its index values (when concrete); raise ``ValueError``.
 
     Shape checks run under ``jit`` too (shapes are static); value checks (indices in range, ``n_node`` summing
@@ -91,32 +107,43 @@ def validate(graph: Graph, node_rank: Optional[int] = None) -> Graph:
     receivers has indices out of range [0, 2)
     """
     if not isinstance(graph, Graph):
-        raise ValueError(f"graph must be an mmjax.graph.Graph, got {type(graph).__name__}; build one with "
-                         "Graph(nodes=..., senders=..., receivers=..., n_node=..., n_edge=...).")
+        raise ValueError(
+            f"graph must be an mmjax.graph.Graph, got {type(graph).__name__}; build one with "
+            "Graph(nodes=..., senders=..., receivers=..., n_node=..., n_edge=...)."
+        )
     if graph.nodes is None or np.ndim(graph.nodes) < 1:
-        raise ValueError(f"nodes must be an array [N, ...], got {None if graph.nodes is None else _shape(graph.nodes)}.")
+        raise ValueError(
+            f"nodes must be an array [N, ...], got {None if graph.nodes is None else _shape(graph.nodes)}."
+        )
     if node_rank is not None and np.ndim(graph.nodes) != node_rank:
-        raise ValueError(f"nodes must have rank {node_rank} ([N, F] node features), got shape {_shape(graph.nodes)}; "
-                         "reshape the node features to [num_nodes, features].")
+        raise ValueError(
+            f"nodes must have rank {node_rank} ([N, F] node features), got shape {_shape(graph.nodes)}; "
+            "reshape the node features to [num_nodes, features]."
+        )
     n = _shape(graph.nodes)[0]
     for name in ("senders", "receivers", "n_node", "n_edge"):
         a = getattr(graph, name)
         if a is None or np.ndim(a) != 1:
-            raise ValueError(f"{name} must be a 1-D integer array, got "
-                             f"{'None' if a is None else 'shape ' + str(_shape(a))}.")
+            raise ValueError(
+                f"{name} must be a 1-D integer array, got {'None' if a is None else 'shape ' + str(_shape(a))}."
+            )
         if not np.issubdtype(_dtype(a), np.integer):
             raise ValueError(f"{name} must have an integer dtype, got {_dtype(a)}; cast with .astype(np.int32).")
     e = _shape(graph.senders)[0]
     if _shape(graph.receivers)[0] != e:
-        raise ValueError(f"senders and receivers must have the same length, got senders {_shape(graph.senders)} "
-                         f"and receivers {_shape(graph.receivers)}.")
+        raise ValueError(
+            f"senders and receivers must have the same length, got senders {_shape(graph.senders)} "
+            f"and receivers {_shape(graph.receivers)}."
+        )
     g = _shape(graph.n_node)[0]
     if _shape(graph.n_edge)[0] != g:
-        raise ValueError(f"n_edge must have one entry per graph like n_node {_shape(graph.n_node)}, got "
-                         f"{_shape(graph.n_edge)}.")
+        raise ValueError(
+            f"n_edge must have one entry per graph like n_node {_shape(graph.n_node)}, got {_shape(graph.n_edge)}."
+        )
     if graph.edges is not None and (np.ndim(graph.edges) < 1 or _shape(graph.edges)[0] != e):
-        raise ValueError(f"edges must have shape [E={e}, ...] (one row per sender/receiver pair), got "
-                         f"{_shape(graph.edges)}.")
+        raise ValueError(
+            f"edges must have shape [E={e}, ...] (one row per sender/receiver pair), got {_shape(graph.edges)}."
+        )
     if graph.globals is not None and (np.ndim(graph.globals) < 1 or _shape(graph.globals)[0] != g):
         raise ValueError(f"globals must have shape [G={g}, ...] (one row per graph), got {_shape(graph.globals)}.")
     if graph.graph_valid is not None and _shape(graph.graph_valid) != (g,):
@@ -126,16 +153,20 @@ def validate(graph: Graph, node_rank: Optional[int] = None) -> Graph:
         if is_concrete(a):
             a = np.asarray(a)
             if (a < 0).any() or int(a.sum()) != total:
-                raise ValueError(f"{name} must be non-negative and sum to {what} = {total}, got {name}={a.tolist()[:8]}"
-                                 f"{'...' if a.size > 8 else ''} (sum {int(a.sum())}).")
+                raise ValueError(
+                    f"{name} must be non-negative and sum to {what} = {total}, got {name}={a.tolist()[:8]}"
+                    f"{'...' if a.size > 8 else ''} (sum {int(a.sum())})."
+                )
     for name in ("senders", "receivers"):
         a = getattr(graph, name)
         if is_concrete(a) and e > 0:
             a = np.asarray(a)
             lo, hi = int(a.min()), int(a.max())
             if lo < 0 or hi >= n:
-                raise ValueError(f"{name} has indices out of range [0, {n}) (the node count): min {lo}, max {hi}; "
-                                 "every edge must point at an existing node.")
+                raise ValueError(
+                    f"{name} has indices out of range [0, {n}) (the node count): min {lo}, max {hi}; "
+                    "every edge must point at an existing node."
+                )
     return graph
 
 
@@ -242,18 +273,26 @@ def batch(graphs: Sequence[Graph]) -> Graph:
     def optional(name):
         present = [getattr(g, name) is not None for g in graphs]
         if any(present) and not all(present):
-            raise ValueError(f"{name} must be given for all graphs or for none, got it for {sum(present)} of "
-                             f"{len(graphs)}.")
+            raise ValueError(
+                f"{name} must be given for all graphs or for none, got it for {sum(present)} of {len(graphs)}."
+            )
         return cat(name) if all(present) else None
 
     senders = xp.concatenate([xp.asarray(g.senders) + int(o) for g, o in zip(graphs, offsets)])
     receivers = xp.concatenate([xp.asarray(g.receivers) + int(o) for g, o in zip(graphs, offsets)])
     valid = None
     if any(g.graph_valid is not None for g in graphs):
-        valid = xp.concatenate([xp.asarray(graph_mask(g)) if xp is jnp else np.asarray(graph_mask(g))
-                                for g in graphs])
-    return Graph(nodes=cat("nodes"), senders=senders, receivers=receivers, n_node=cat("n_node"),
-                 n_edge=cat("n_edge"), edges=optional("edges"), globals=optional("globals"), graph_valid=valid)
+        valid = xp.concatenate([xp.asarray(graph_mask(g)) if xp is jnp else np.asarray(graph_mask(g)) for g in graphs])
+    return Graph(
+        nodes=cat("nodes"),
+        senders=senders,
+        receivers=receivers,
+        n_node=cat("n_node"),
+        n_edge=cat("n_edge"),
+        edges=optional("edges"),
+        globals=optional("globals"),
+        graph_valid=valid,
+    )
 
 
 def unbatch(graph: Graph, drop_padding: bool = True) -> list:
@@ -286,9 +325,17 @@ def unbatch(graph: Graph, drop_padding: bool = True) -> list:
             continue
         ns, ne = slice(node_off[i], node_off[i + 1]), slice(edge_off[i], edge_off[i + 1])
         sl = lambda a, s: None if a is None else np.asarray(a)[s]
-        out.append(Graph(nodes=sl(graph.nodes, ns), senders=np.asarray(graph.senders)[ne] - node_off[i],
-                         receivers=np.asarray(graph.receivers)[ne] - node_off[i], n_node=n_node[i:i + 1],
-                         n_edge=n_edge[i:i + 1], edges=sl(graph.edges, ne), globals=sl(graph.globals, slice(i, i + 1))))
+        out.append(
+            Graph(
+                nodes=sl(graph.nodes, ns),
+                senders=np.asarray(graph.senders)[ne] - node_off[i],
+                receivers=np.asarray(graph.receivers)[ne] - node_off[i],
+                n_node=n_node[i : i + 1],
+                n_edge=n_edge[i : i + 1],
+                edges=sl(graph.edges, ne),
+                globals=sl(graph.globals, slice(i, i + 1)),
+            )
+        )
     return out
 
 
@@ -315,8 +362,11 @@ def budget(graph: Graph, minimum: tuple = (1, 1, 1)) -> tuple:
     (8, 4, 2)
     """
     n, e, g = _shape(graph.nodes)[0], _shape(graph.senders)[0], num_graphs(graph)
-    return (max(next_power_of_two(n + 1), minimum[0]), max(next_power_of_two(e), minimum[1]),
-            max(next_power_of_two(g + 1), minimum[2]))
+    return (
+        max(next_power_of_two(n + 1), minimum[0]),
+        max(next_power_of_two(e), minimum[1]),
+        max(next_power_of_two(g + 1), minimum[2]),
+    )
 
 
 def pad(graph: Graph, n_node: int, n_edge: int, n_graph: int) -> Graph:
@@ -340,8 +390,10 @@ def pad(graph: Graph, n_node: int, n_edge: int, n_graph: int) -> Graph:
     n, e, g = _shape(graph.nodes)[0], _shape(graph.senders)[0], num_graphs(graph)
     for name, want, have, extra in (("n_node", n_node, n, 1), ("n_edge", n_edge, e, 0), ("n_graph", n_graph, g, 1)):
         if not isinstance(want, (int, np.integer)) or want < have + extra:
-            raise ValueError(f"{name} budget must be an int >= {have + extra} (the batch has {have}"
-                             f"{' plus one for padding' if extra else ''}), got {want!r}; use mmjax.graph.budget().")
+            raise ValueError(
+                f"{name} budget must be an int >= {have + extra} (the batch has {have}"
+                f"{' plus one for padding' if extra else ''}), got {want!r}; use mmjax.graph.budget()."
+            )
     xp = _xp(graph)
     pn, pe, pg = n_node - n, n_edge - e, n_graph - g
 
@@ -352,8 +404,9 @@ def pad(graph: Graph, n_node: int, n_edge: int, n_graph: int) -> Graph:
     idx_dtype = _dtype(graph.senders)
     pad_idx = xp.full((pe,), n, idx_dtype)
     counts = lambda first, dtype: xp.concatenate([xp.asarray([first], dtype), xp.zeros((pg - 1,), dtype)])
-    valid = xp.concatenate([xp.asarray(graph_mask(graph)) if xp is jnp else np.asarray(graph_mask(graph)),
-                            xp.zeros((pg,), bool)])
+    valid = xp.concatenate(
+        [xp.asarray(graph_mask(graph)) if xp is jnp else np.asarray(graph_mask(graph)), xp.zeros((pg,), bool)]
+    )
     return Graph(
         nodes=pad_rows(graph.nodes, pn),
         senders=xp.concatenate([xp.asarray(graph.senders), pad_idx]),
@@ -396,9 +449,11 @@ def dynamically_batch(graphs: Iterable[Graph], n_node: int, n_edge: int, n_graph
         validate(g)
         gn, ge, gg = _shape(g.nodes)[0], _shape(g.senders)[0], num_graphs(g)
         if gn > n_node - 1 or ge > n_edge or gg > n_graph - 1:
-            raise ValueError(f"graph {i} ({gn} nodes, {ge} edges, {gg} graphs) does not fit the budget n_node="
-                             f"{n_node}, n_edge={n_edge}, n_graph={n_graph} (one node and one graph are kept for "
-                             "padding); raise the budget.")
+            raise ValueError(
+                f"graph {i} ({gn} nodes, {ge} edges, {gg} graphs) does not fit the budget n_node="
+                f"{n_node}, n_edge={n_edge}, n_graph={n_graph} (one node and one graph are kept for "
+                "padding); raise the budget."
+            )
         if cn + gn > n_node - 1 or ce + ge > n_edge or cg + gg > n_graph - 1:
             yield pad(batch(cur), n_node, n_edge, n_graph)
             cur, cn, ce, cg = [], 0, 0, 0

@@ -12,8 +12,6 @@ Engine configs name them ``"gcn"`` (node classification) or by path, ``"mmjax.gr
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,7 +67,7 @@ class GCN(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, graph: Graph, adjacency: Optional[gnn.GCNAdjacency] = None, train: bool = False):
+    def __call__(self, graph: Graph, adjacency: gnn.GCNAdjacency | None = None, train: bool = False):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is not valid; expected a rate in [0, 1)")
         act = _activation(self.activation)

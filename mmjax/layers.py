@@ -94,9 +94,7 @@ def get_activation(name: str) -> Callable[[Array], Array]:
       0.0
     """
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"activation={name!r} is not a known activation; expected one of {sorted(ACTIVATIONS)}."
-        )
+        raise ValueError(f"activation={name!r} is not a known activation; expected one of {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
 
 

@@ -196,8 +196,7 @@ def _sigmoid_chunked_sum(img, txt, scale, bias, row_offset, col_offset, chunk_si
     return jnp.sum(sums)
 
 
-def sigmoid_contrastive_loss(image_embeds, text_embeds, logit_scale, logit_bias, axis_name=None,
-                             chunk_size=None):
+def sigmoid_contrastive_loss(image_embeds, text_embeds, logit_scale, logit_bias, axis_name=None, chunk_size=None):
     """SigLIP's pairwise sigmoid loss, averaged over the images of the global batch.
 
     With ``s = exp(logit_scale)``, ``l_ij = s * img_i . txt_j + logit_bias`` and ``z_ij = +1`` if ``i == j``

@@ -12,19 +12,30 @@ The result is NHWC float32, the layout :class:`mmjax.clip.CLIP` takes (Hugging F
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "resize_shortest_side", "center_crop", "preprocess_image",
-           "preprocess"]
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "resize_shortest_side",
+    "center_crop",
+    "preprocess_image",
+    "preprocess",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def _to_pil(image: Any) -> Image.Image:
@@ -72,7 +83,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     if size > h or size > w:
         raise ValueError(f"crop size {size} is larger than the image {h}x{w}; resize to at least {size} first.")
     top, left = (h - size) // 2, (w - size) // 2
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def preprocess_image(

@@ -20,21 +20,31 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["segment_sum", "segment_mean", "segment_max", "segment_softmax", "segment_count", "AGGREGATIONS",
-           "segment_aggregate"]
+__all__ = [
+    "segment_sum",
+    "segment_mean",
+    "segment_max",
+    "segment_softmax",
+    "segment_count",
+    "AGGREGATIONS",
+    "segment_aggregate",
+]
 
 
 def _check(data, segment_ids, num_segments, mask):
     if not isinstance(num_segments, int) or isinstance(num_segments, bool) or num_segments < 0:
-        raise ValueError(f"num_segments must be a static non-negative Python int, got {num_segments!r}; pass "
-                         "e.g. graph.nodes.shape[0] (not a traced value).")
+        raise ValueError(
+            f"num_segments must be a static non-negative Python int, got {num_segments!r}; pass "
+            "e.g. graph.nodes.shape[0] (not a traced value)."
+        )
     data = jnp.asarray(data)
     segment_ids = jnp.asarray(segment_ids)
     if data.ndim < 1:
         raise ValueError(f"data must have a leading segment axis [E, ...], got a scalar of shape {data.shape}.")
     if segment_ids.ndim != 1 or segment_ids.shape[0] != data.shape[0]:
-        raise ValueError(f"segment_ids must have shape [E] = [{data.shape[0]}] to match data {data.shape}, got "
-                         f"{segment_ids.shape}.")
+        raise ValueError(
+            f"segment_ids must have shape [E] = [{data.shape[0]}] to match data {data.shape}, got {segment_ids.shape}."
+        )
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}; cast with .astype(int32).")
     if mask is not None:
@@ -142,8 +152,9 @@ def segment_softmax(logits, segment_ids, num_segments: int, mask=None, indices_a
 AGGREGATIONS = {"sum": segment_sum, "mean": segment_mean, "max": segment_max}
 
 
-def segment_aggregate(name: str, data, segment_ids, num_segments: int, mask=None,
-                      indices_are_sorted: bool = False) -> Array:
+def segment_aggregate(
+    name: str, data, segment_ids, num_segments: int, mask=None, indices_are_sorted: bool = False
+) -> Array:
     """Dispatch to :func:`segment_sum`, :func:`segment_mean` or :func:`segment_max` by ``name``.
 
     >>> import jax.numpy as jnp

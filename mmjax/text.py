@@ -170,8 +170,9 @@ class TextTransformer(nn.Module):
             param_dtype=self.param_dtype,
             name="token_embedding",
         )
-        pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.context_length, self.width),
-                         self.param_dtype)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.01), (self.context_length, self.width), self.param_dtype
+        )
         x = embed(ids)
         x = x + pos[:T].astype(x.dtype)
         deterministic = not train

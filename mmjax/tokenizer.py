@@ -26,7 +26,7 @@ import json
 import os
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import regex
@@ -55,7 +55,7 @@ _WHITESPACE = regex.compile(r"\s+")
 _WORD_PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|[\p{L}\p{M}]+|[\p{N}]+|[^\s\p{L}\p{N}]""")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
     """Map each of the 256 byte values to a printable unicode character (GPT-2 / CLIP byte-level BPE).
 
@@ -70,9 +70,7 @@ def bytes_to_unicode() -> dict[int, str]:
     (256, 'a', 'Ġ')
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     extra = 0
@@ -143,9 +141,7 @@ class Tokenizer(abc.ABC):
     def pad_id(self) -> int:
         """Id written after the end-of-text token."""
 
-    def __call__(
-        self, texts: str | Sequence[str], context_length: int = 77, pad_id: int | None = None
-    ) -> np.ndarray:
+    def __call__(self, texts: str | Sequence[str], context_length: int = 77, pad_id: int | None = None) -> np.ndarray:
         """Tokenize a batch into ``int32 [N, context_length]``, truncating with end-of-text kept last.
 
         Args:
@@ -227,7 +223,7 @@ class CLIPTokenizer(Tokenizer):
 
     # --- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> CLIPTokenizer:
         """Read a Hugging Face directory (``vocab.json`` + ``merges.txt``) or OpenAI's ``.txt.gz`` merges.
 
         For OpenAI's file the vocabulary is built from the merges, as ``clip/simple_tokenizer.py`` does:
@@ -398,7 +394,7 @@ class WordTokenizer(Tokenizer):
         self.inverse_vocab = {i: t for t, i in self.vocab.items()}
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], min_count: int = 1, max_size: int | None = None) -> "WordTokenizer":
+    def from_texts(cls, texts: Iterable[str], min_count: int = 1, max_size: int | None = None) -> WordTokenizer:
         """Build the vocabulary from training texts: most frequent first, ties alphabetical (deterministic).
 
         Args:
@@ -448,6 +444,6 @@ class WordTokenizer(Tokenizer):
         return json.dumps([self.inverse_vocab[i] for i in range(len(self.SPECIALS), self.vocab_size)])
 
     @classmethod
-    def from_json(cls, data: str) -> "WordTokenizer":
+    def from_json(cls, data: str) -> WordTokenizer:
         """Inverse of :meth:`to_json`."""
         return cls(json.loads(data))

@@ -164,7 +164,9 @@ class StemConv(nn.Module):
         ho, wo = -(-h // 2), -(-w // 2)
         pad_h, pad_w = max(2 * ho + 1 - h, 0), max(2 * wo + 1 - w, 0)
         x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-        patches = jnp.concatenate([x[:, u:u + 2 * ho:2, v:v + 2 * wo:2] for u in range(3) for v in range(3)], -1)
+        patches = jnp.concatenate(
+            [x[:, u : u + 2 * ho : 2, v : v + 2 * wo : 2] for u in range(3) for v in range(3)], -1
+        )
         return patches @ kernel.reshape(9 * c, self.features) + bias
 
 
@@ -359,7 +361,12 @@ class ViT(nn.Module):
                 x = StemConv(features, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stem_conv_{i}")(x)
             else:
                 x = nn.Conv(
-                    features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                    features,
+                    (3, 3),
+                    strides=(2, 2),
+                    padding="SAME",
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
                     name=f"stem_conv_{i}",
                 )(x)
             x = nn.gelu(x, approximate=False)

@@ -87,7 +87,7 @@ def test_items_drawn_in_their_box_with_their_colour():
     for k in range(n):
         top, left, h, w = boxes[size[k], position[k]]
         inside = np.zeros((64, 64), bool)
-        inside[top:top + h, left:left + w] = True
+        inside[top : top + h, left : left + w] = True
         np.testing.assert_array_equal(images[k][inside], np.broadcast_to(C.COLOUR_RGB[colour[k]], (h * w, 3)))
         assert not images[k][~inside].any()
 

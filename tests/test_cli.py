@@ -17,8 +17,9 @@ QUICK = os.path.join(REPO, "experiments", "fashion_mnist_vit_quick.py")
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "mmjax", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mmjax", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_subcommands_and_options():
@@ -54,8 +55,18 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     config_file = tmp_path / "tiny.py"
     config_file.write_text(TINY_CONFIG)
     workdir = str(tmp_path / "run")
-    out = run_cli("train", "--config", str(config_file), "--workdir", workdir, f"--config.data.data_dir={data}",
-                  "--config.num_steps=4", "--config.optimizer.lr", "0.003", "--config.model.hidden=8")
+    out = run_cli(
+        "train",
+        "--config",
+        str(config_file),
+        "--workdir",
+        workdir,
+        f"--config.data.data_dir={data}",
+        "--config.num_steps=4",
+        "--config.optimizer.lr",
+        "0.003",
+        "--config.model.hidden=8",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     assert result["step"] == 4 and result["eval_count"] == 24.0
@@ -72,8 +83,19 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
 
 def test_quick_vit_job_config_runs(tmp_path, capsys):
     data = write_tiny_fashion_mnist(tmp_path / "fm", n_train=64, n_test=16, size=14)
-    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={data}",
-                 "--config.num_steps=2", "--config.model.width=8", "--config.eval_batch_size=16"])
+    code = main(
+        [
+            "train",
+            "--config",
+            QUICK,
+            "--workdir",
+            str(tmp_path / "run"),
+            f"--config.data.data_dir={data}",
+            "--config.num_steps=2",
+            "--config.model.width=8",
+            "--config.eval_batch_size=16",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     result = json.loads(out[: out.rindex("}") + 1])
@@ -91,8 +113,9 @@ def test_cli_errors_are_clear(tmp_path):
 
 def test_overrides_are_typed():
     config = ml_collections.ConfigDict({"lr": 1.0, "steps": 3, "name": "vit", "flag": False, "sub": {"x": (1, 2)}})
-    apply_overrides(config, [("lr", "2"), ("steps", "5"), ("name", "7"), ("flag", "True"), ("sub.x", "[3, 4]"),
-                             ("sub.new", "None")])
+    apply_overrides(
+        config, [("lr", "2"), ("steps", "5"), ("name", "7"), ("flag", "True"), ("sub.x", "[3, 4]"), ("sub.new", "None")]
+    )
     assert config.lr == 2.0 and isinstance(config.lr, float)
     assert config.steps == 5 and config.name == "7" and config.flag is True and config.sub.x == (3, 4)
     assert config.sub.new is None
@@ -122,4 +145,4 @@ def test_convert_and_bench_help_and_bench_runs():
     # A real (tiny) benchmark run through the command line: mmjax's attention alone at T=64, forward only.
     tiny = run_cli("bench", "attention", "--lengths", "64", "--causal", "0", "--modes", "fwd", "--impls", "mmjax")
     assert tiny.returncode == 0, tiny.stderr
-    assert "\"impl\": \"mmjax\", \"T\": 64" in tiny.stdout
+    assert '"impl": "mmjax", "T": 64' in tiny.stdout

@@ -13,8 +13,16 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.train import (Checkpointer, TrainState, make_optimizer, make_plan, make_task, make_train_step,
-                         prepare_config, train_and_evaluate)
+from mmjax.train import (
+    Checkpointer,
+    TrainState,
+    make_optimizer,
+    make_plan,
+    make_task,
+    make_train_step,
+    prepare_config,
+    train_and_evaluate,
+)
 from mmjax.train.contrastive import FROZEN_IMAGE_TOWER, freeze, frozen_labels, grad_cache
 from mmjax.train.optimizer import param_path
 from tests.jobs.contrastive_job import tiny_config
@@ -46,8 +54,9 @@ def run_steps(cfg, steps=3):
     params = task.init_params(jax.random.fold_in(jax.random.key(cfg.seed), 0), next(task.train_batches(0)))
     tx, schedule = make_optimizer(cfg.optimizer, params, steps)
     state = TrainState.create(params, tx)
-    step_fn = plan.compile_train_step(make_train_step(task, tx, schedule, plan, 1, cfg.seed),
-                                      jax.eval_shape(lambda s: s, state))
+    step_fn = plan.compile_train_step(
+        make_train_step(task, tx, schedule, plan, 1, cfg.seed), jax.eval_shape(lambda s: s, state)
+    )
     placed = plan.from_canonical(state)
     losses = []
     for _ in range(steps):
@@ -58,8 +67,9 @@ def run_steps(cfg, steps=3):
 
 def assert_trees_close(a, b, atol=2e-5, what=""):
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4,
-                                   err_msg=f"{what} {param_path(path)}")
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4, err_msg=f"{what} {param_path(path)}"
+        )
 
 
 def test_modes_agree_with_and_without_grad_cache():
@@ -134,8 +144,9 @@ def test_frozen_image_tower_gets_zero_updates():
 def test_logit_scale_is_clamped_at_log_100(task, params_and_batch):
     params, batch = params_and_batch
     big = dict(params, logit_scale=jnp.float32(7.0))  # e^7 > 100
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, jax.random.key(0)),
-                                                        has_aux=True))(big)
+    (loss, metrics), grads = jax.jit(
+        jax.value_and_grad(lambda p: task.loss(p, batch, jax.random.key(0)), has_aux=True)
+    )(big)
     np.testing.assert_allclose(metrics["logit_scale"], 100.0, rtol=1e-5)
     assert float(grads["logit_scale"]) == 0.0
     small_grad = jax.jit(jax.grad(lambda p: task.loss(p, batch, jax.random.key(0))[0]))(params)["logit_scale"]
@@ -163,8 +174,16 @@ def test_word_tokenizer_keeps_the_configured_text_pooling(task):
 
 def test_sigmoid_loss_and_bad_configs(params_and_batch):
     _, batch = params_and_batch
-    siglip = make_task(config(**{"contrastive.loss": "sigmoid", "model.logit_bias_init": -10.0,
-                                 "model.logit_scale_init": float(np.log(10.0)), "contrastive.sigmoid_chunk_size": 4}))
+    siglip = make_task(
+        config(
+            **{
+                "contrastive.loss": "sigmoid",
+                "model.logit_bias_init": -10.0,
+                "model.logit_scale_init": float(np.log(10.0)),
+                "contrastive.sigmoid_chunk_size": 4,
+            }
+        )
+    )
     params = siglip.init_params(jax.random.key(0), batch)
     loss, _ = jax.jit(lambda p: siglip.loss(p, batch, jax.random.key(0)))(params)
     assert np.isfinite(loss) and float(loss) > 0
@@ -195,13 +214,34 @@ def test_hsv_colour_space_and_grouped_caption_batches(params_and_batch):
     # grouped by (colour, size, position), the default: 2 cells of captions that differ only in the item word
     grouped = next(hsv.train_batches(0))
     words = [hsv.tokenizer.decode(ids).replace("t - shirt", "t-shirt") for ids in grouped["ids"]]
-    contexts = [" ".join(w for w in text.split() if w not in {"t-shirt", "trouser", "pullover", "dress", "coat",
-                "sandal", "shirt", "sneaker", "bag", "ankle", "boot"}) for text in words]
+    contexts = [
+        " ".join(
+            w
+            for w in text.split()
+            if w
+            not in {
+                "t-shirt",
+                "trouser",
+                "pullover",
+                "dress",
+                "coat",
+                "sandal",
+                "shirt",
+                "sneaker",
+                "bag",
+                "ankle",
+                "boot",
+            }
+        )
+        for text in words
+    ]
     half = len(contexts) // 2
     assert len(set(contexts[:half])) == 1 and len(set(contexts[half:])) == 1 and contexts[0] != contexts[-1]
     by_place = make_task(config(**{"data.groups_per_batch": 2, "data.group_by": ("size", "position")}))
-    places = [(w[1], w[-2], w[-1]) for w in (hsv.tokenizer.decode(ids).split()
-                                            for ids in next(by_place.train_batches(0))["ids"])]
+    places = [
+        (w[1], w[-2], w[-1])
+        for w in (hsv.tokenizer.decode(ids).split() for ids in next(by_place.train_batches(0))["ids"])
+    ]
     assert len(set(places[:half])) == 1 and len(set(places[half:])) == 1
     with pytest.raises(ValueError, match=r"data.group_by=\('shape',\) must be distinct attribute names"):
         make_task(config(**{"data.groups_per_batch": 2, "data.group_by": ("shape",)}))  # checked at construction
@@ -226,7 +266,8 @@ def test_engine_eval_matches_full_set_evaluation(tmp_path):
     for attr in ("item", "colour", "combo"):
         assert result[f"eval_{attr}_accuracy"] == pytest.approx(report[f"zero_shot_{attr}_accuracy"], abs=1e-6)
         assert result[f"eval_heldout_{attr}_accuracy"] == pytest.approx(
-            report[f"zero_shot_heldout_{attr}_accuracy"], abs=1e-6)
+            report[f"zero_shot_heldout_{attr}_accuracy"], abs=1e-6
+        )
     assert 0.0 <= report["retrieval_text_to_image_R@10"] <= 1.0 and 0.0 <= report["linear_probe_item_accuracy"] <= 1
     for png in ("confusion_matrix_png", "retrieval_grid_png"):
         assert open(report[png], "rb").read(4) == b"\x89PNG"
@@ -248,9 +289,14 @@ def test_resume_after_kill_is_exact(tmp_path):
     train_and_evaluate(cfg, reference)
     workdir = str(tmp_path / "killed")
     env = dict(os.environ, PYTHONPATH=REPO, MMJAX_TEST_STEP_DELAY="1.0")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.jobs.contrastive_job", json.dumps(cfg), workdir,
-                             str(tmp_path / "out")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.jobs.contrastive_job", json.dumps(cfg), workdir, str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ckpt_dir = os.path.join(workdir, "checkpoints")
     t0 = time.time()
     while True:
@@ -283,7 +329,8 @@ def test_job_configs_are_valid():
     assert big.parallel.mode == "sharded" and big.parallel.fsdp and big.model.dtype == "bfloat16"
     from mmjax.clip import get_config
 
-    fields = {k: v for k, v in big.model.to_dict().items() if k not in ("name", "preset", "dtype", "tokenizer",
-                                                                         "bpe_path")}
+    fields = {
+        k: v for k, v in big.model.to_dict().items() if k not in ("name", "preset", "dtype", "tokenizer", "bpe_path")
+    }
     b16 = get_config(big.model.preset).replace(**fields)
     assert (b16.patch_size, b16.vision_width, b16.remat, b16.scan) == (16, 768, True, True)

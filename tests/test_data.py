@@ -7,8 +7,17 @@ import os
 import numpy as np
 import pytest
 
-from mmjax.data import (ArraySource, augment_batch, eval_batches, load_fashion_mnist, load_source, read_idx,
-                        tfds_source, train_batches, write_idx)
+from mmjax.data import (
+    ArraySource,
+    augment_batch,
+    eval_batches,
+    load_fashion_mnist,
+    load_source,
+    read_idx,
+    tfds_source,
+    train_batches,
+    write_idx,
+)
 from mmjax.data.fashion_mnist import DEBIAN_DIR
 from tests.test_train_models import write_tiny_fashion_mnist
 
@@ -99,7 +108,8 @@ def test_train_batches_depend_only_on_seed_and_step():
     np.testing.assert_array_equal(resumed["label"], batches[4]["label"])
     other_seed = next(train_batches(src, 4, seed=2, start_step=4))
     assert other_seed["label"].tolist() != batches[4]["label"].tolist() or not np.array_equal(
-        other_seed["image"], batches[4]["image"])
+        other_seed["image"], batches[4]["image"]
+    )
 
 
 def test_per_host_shards_are_disjoint_and_complete():
@@ -111,8 +121,9 @@ def test_per_host_shards_are_disjoint_and_complete():
         assert len(labels) == 6
         seen.append(set(labels.tolist()))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10)) | {0, 1}
-    eval_counts = [sum(b["mask"].sum() for b in eval_batches(src, 4, process_index=h, process_count=2))
-                   for h in range(2)]
+    eval_counts = [
+        sum(b["mask"].sum() for b in eval_batches(src, 4, process_index=h, process_count=2)) for h in range(2)
+    ]
     assert eval_counts == [6, 6]
 
 
@@ -133,7 +144,7 @@ def test_augment_crop_and_flip_against_numpy():
     cropped = augment_batch(x, np.random.default_rng(1), crop_padding=2)
     padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
     for i in range(2):  # every output is some 5x5 window of the zero-padded image
-        windows = [padded[i, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        windows = [padded[i, dy : dy + 5, dx : dx + 5] for dy in range(5) for dx in range(5)]
         assert any(np.array_equal(cropped[i], w) for w in windows)
     assert not np.array_equal(augment_batch(np.repeat(x, 8, 0), np.random.default_rng(1), 2), np.repeat(x, 8, 0))
 
@@ -149,9 +160,12 @@ def _build_tiny_tfds(data_dir):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(8, 8, 1)),
-                "label": tfds.features.ClassLabel(num_classes=3)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"image": tfds.features.Image(shape=(8, 8, 1)), "label": tfds.features.ClassLabel(num_classes=3)}
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(10, 0), "test": self._generate_examples(5, 1)}

@@ -56,10 +56,12 @@ def test_zero_shot_classifier_ensembles_normalised_template_embeddings():
     templates = ["a {}", lambda c: f"the {c}!"]
     got = evaluate.zero_shot_classifier(encode, tokenizer, ["cat", "dog"], templates)
     assert seen == [["a cat", "the cat!"], ["a dog", "the dog!"]]
-    want = np.stack([
-        _unit(_unit([2.0, 0, 0]) + _unit([0, 3.0, 0])),
-        _unit(_unit([0, 0, 5.0]) + _unit([1.0, 0, 1.0])),
-    ])
+    want = np.stack(
+        [
+            _unit(_unit([2.0, 0, 0]) + _unit([0, 3.0, 0])),
+            _unit(_unit([0, 0, 5.0]) + _unit([1.0, 0, 1.0])),
+        ]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got.dtype == np.float32
 
@@ -92,12 +94,14 @@ def test_zero_shot_bad_inputs_raise():
 
 def test_retrieval_recall_hand_case_with_two_captions_per_image():
     images = np.eye(3)
-    texts = np.array([
-        [1.0, 0.0, 0.0],  # caption of image 0, exact
-        [0.0, 0.2, 1.0],  # caption of image 0, but closest to image 2 (rank 2 among images)
-        [0.0, 1.0, 0.1],  # image 1
-        [0.9, 0.0, 1.0],  # image 2, second closest image is 0 -> rank 0 (1.0 > 0.9)
-    ])
+    texts = np.array(
+        [
+            [1.0, 0.0, 0.0],  # caption of image 0, exact
+            [0.0, 0.2, 1.0],  # caption of image 0, but closest to image 2 (rank 2 among images)
+            [0.0, 1.0, 0.1],  # image 1
+            [0.9, 0.0, 1.0],  # image 2, second closest image is 0 -> rank 0 (1.0 > 0.9)
+        ]
+    )
     t2i = [0, 0, 1, 2]
     r = evaluate.retrieval_recall(images, texts, k=(1, 2, 3), text_to_image=t2i)
     # text->image ranks: 0, 2, 0, 0
@@ -218,8 +222,9 @@ def test_plot_retrieval_grid_writes_png(tmp_path):
     queries = image_embeds[[1, 4]] + 0.01
     relevant = np.zeros((2, 6), bool)
     relevant[0, 1] = relevant[1, 4] = True
-    path = evaluate.plot_retrieval_grid(["one", "four"], queries, image_embeds, images, tmp_path / "g.png", k=3,
-                                        relevant=relevant)
+    path = evaluate.plot_retrieval_grid(
+        ["one", "four"], queries, image_embeds, images, tmp_path / "g.png", k=3, relevant=relevant
+    )
     pixels = matplotlib.image.imread(path)
     assert pixels.shape[0] > 100 and pixels.shape[1] > 200
     gray = evaluate.plot_retrieval_grid(["q"], queries[:1], image_embeds, images[..., 0], tmp_path / "h.png", k=10)

@@ -18,15 +18,25 @@ def _sym_graph(seed, n=10, p=0.3, f=4):
     a = a | a.T
     s, r = np.nonzero(a)
     x = rng.standard_normal((n, f)).astype(np.float32)
-    return gr.Graph(nodes=x, senders=s.astype(np.int32), receivers=r.astype(np.int32), n_node=np.array([n]),
-                    n_edge=np.array([len(s)])), a.astype(np.float64)
+    return gr.Graph(
+        nodes=x,
+        senders=s.astype(np.int32),
+        receivers=r.astype(np.int32),
+        n_node=np.array([n]),
+        n_edge=np.array([len(s)]),
+    ), a.astype(np.float64)
 
 
 def _random_graph(seed, n=9, e=25, f=4):
     rng = np.random.default_rng(seed)
-    return gr.Graph(nodes=rng.standard_normal((n, f)).astype(np.float32),
-                    senders=rng.integers(0, n, e).astype(np.int32), receivers=rng.integers(0, n, e).astype(np.int32),
-                    n_node=np.array([n]), n_edge=np.array([e]), edges=rng.standard_normal((e, 2)).astype(np.float32))
+    return gr.Graph(
+        nodes=rng.standard_normal((n, f)).astype(np.float32),
+        senders=rng.integers(0, n, e).astype(np.int32),
+        receivers=rng.integers(0, n, e).astype(np.int32),
+        n_node=np.array([n]),
+        n_edge=np.array([e]),
+        edges=rng.standard_normal((e, 2)).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("improved", [False, True])
@@ -144,8 +154,9 @@ def test_gcn_vmaps_over_node_features():
     params = layer.init(jax.random.key(0), g)
     xs = np.random.default_rng(8).standard_normal((4, 9, 4)).astype(np.float32)
     out = jax.vmap(lambda x: layer.apply(params, g._replace(nodes=x)))(xs)
-    np.testing.assert_allclose(np.asarray(out[2]), np.asarray(layer.apply(params, g._replace(nodes=xs[2]))),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out[2]), np.asarray(layer.apply(params, g._replace(nodes=xs[2]))), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind,fn", [("sum", np.sum), ("mean", np.mean), ("max", np.max)])

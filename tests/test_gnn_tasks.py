@@ -41,7 +41,7 @@ def test_images_to_graphs_features_and_structure():
     node = np.asarray(g.nodes)[6 + 4]
     np.testing.assert_allclose(node[:32], images[1, 4:8, 4:8, :].reshape(-1))
     np.testing.assert_allclose(node[32:], [1.0, 0.5])
-    assert g.senders.min() >= 0 and (g.senders[g.n_edge[0]:] >= 6).all()
+    assert g.senders.min() >= 0 and (g.senders[g.n_edge[0] :] >= 6).all()
     with pytest.raises(ValueError, match="patch"):
         dg.images_to_graphs(images, patch=5)
     with pytest.raises(ValueError, match="images"):

@@ -10,11 +10,15 @@ from mmjax import segment
 
 
 def _graph(rng, n, e, f=3, fe=2, fg=4):
-    return gr.Graph(nodes=rng.standard_normal((n, f)).astype(np.float32),
-                    senders=rng.integers(0, n, e).astype(np.int32), receivers=rng.integers(0, n, e).astype(np.int32),
-                    n_node=np.array([n], np.int32), n_edge=np.array([e], np.int32),
-                    edges=rng.standard_normal((e, fe)).astype(np.float32),
-                    globals=rng.standard_normal((1, fg)).astype(np.float32))
+    return gr.Graph(
+        nodes=rng.standard_normal((n, f)).astype(np.float32),
+        senders=rng.integers(0, n, e).astype(np.int32),
+        receivers=rng.integers(0, n, e).astype(np.int32),
+        n_node=np.array([n], np.int32),
+        n_edge=np.array([e], np.int32),
+        edges=rng.standard_normal((e, fe)).astype(np.float32),
+        globals=rng.standard_normal((1, fg)).astype(np.float32),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -80,8 +84,9 @@ def test_jit_pad_equals_host_pad():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("kw,field", [(dict(n_node=5), "n_node"), (dict(n_edge=4), "n_edge"),
-                                      (dict(n_graph=2), "n_graph")])
+@pytest.mark.parametrize(
+    "kw,field", [(dict(n_node=5), "n_node"), (dict(n_edge=4), "n_edge"), (dict(n_graph=2), "n_graph")]
+)
 def test_pad_budget_too_small_raises(kw, field):
     rng = np.random.default_rng(4)
     b = gr.batch([_graph(rng, 3, 4), _graph(rng, 2, 1)])
@@ -143,22 +148,30 @@ def test_dynamically_batch_rejects_graph_too_large():
 
 
 def _ok():
-    return gr.Graph(nodes=np.ones((3, 2), np.float32), senders=np.array([0, 1]), receivers=np.array([1, 2]),
-                    n_node=np.array([3]), n_edge=np.array([2]))
+    return gr.Graph(
+        nodes=np.ones((3, 2), np.float32),
+        senders=np.array([0, 1]),
+        receivers=np.array([1, 2]),
+        n_node=np.array([3]),
+        n_edge=np.array([2]),
+    )
 
 
-@pytest.mark.parametrize("change,field", [
-    (dict(senders=np.array([0, 3])), "senders"),
-    (dict(receivers=np.array([-1, 2])), "receivers"),
-    (dict(receivers=np.array([1, 2, 0])), "receivers"),
-    (dict(senders=np.array([0.0, 1.0])), "senders"),
-    (dict(n_node=np.array([4])), "n_node"),
-    (dict(n_edge=np.array([1])), "n_edge"),
-    (dict(n_edge=np.array([1, 1])), "n_edge"),
-    (dict(edges=np.ones((3, 1))), "edges"),
-    (dict(globals=np.ones((2, 1))), "globals"),
-    (dict(nodes=np.float32(1.0)), "nodes"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(senders=np.array([0, 3])), "senders"),
+        (dict(receivers=np.array([-1, 2])), "receivers"),
+        (dict(receivers=np.array([1, 2, 0])), "receivers"),
+        (dict(senders=np.array([0.0, 1.0])), "senders"),
+        (dict(n_node=np.array([4])), "n_node"),
+        (dict(n_edge=np.array([1])), "n_edge"),
+        (dict(n_edge=np.array([1, 1])), "n_edge"),
+        (dict(edges=np.ones((3, 1))), "edges"),
+        (dict(globals=np.ones((2, 1))), "globals"),
+        (dict(nodes=np.float32(1.0)), "nodes"),
+    ],
+)
 def test_validate_names_the_bad_field(change, field):
     with pytest.raises(ValueError, match=field):
         gr.validate(_ok()._replace(**change))
@@ -226,10 +239,15 @@ def test_segment_softmax_normalises_per_segment_and_ignores_masked():
             np.testing.assert_allclose(w[sel], e / e.sum(0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw,field", [(dict(num_segments=2.0), "num_segments"),
-                                      (dict(segment_ids=jnp.array([0.0, 1.0])), "segment_ids"),
-                                      (dict(segment_ids=jnp.array([0, 1, 1])), "segment_ids"),
-                                      (dict(mask=jnp.array([True])), "mask")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(num_segments=2.0), "num_segments"),
+        (dict(segment_ids=jnp.array([0.0, 1.0])), "segment_ids"),
+        (dict(segment_ids=jnp.array([0, 1, 1])), "segment_ids"),
+        (dict(mask=jnp.array([True])), "mask"),
+    ],
+)
 def test_segment_bad_input_raises(kw, field):
     args = dict(data=jnp.ones((2, 3)), segment_ids=jnp.array([0, 1]), num_segments=2) | kw
     with pytest.raises(ValueError, match=field):

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data.image_text import (ArrayImageText, FolderImageText, TFDSImageText, decode_image, eval_batches,
-                                   fashion_mnist_captions, train_batches)
+from mmjax.data.image_text import (
+    ArrayImageText,
+    FolderImageText,
+    TFDSImageText,
+    decode_image,
+    eval_batches,
+    fashion_mnist_captions,
+    train_batches,
+)
 
 
 def _array_source(n=12, size=4):
@@ -78,8 +85,7 @@ def test_grouped_batches_draw_whole_groups_and_resume_exactly():
         next(train_batches(src, 4, seed=0, groups=groups[:5], groups_per_batch=2, process_index=0, process_count=1))
     # subgroups: 2 groups x 2 subgroups x 1 example; groups of 4 examples split into 2 subgroups of 2
     sub = (np.arange(24) // 6) % 2
-    kw = dict(groups=groups, groups_per_batch=2, subgroups=sub, subgroups_per_group=2, process_index=0,
-              process_count=1)
+    kw = dict(groups=groups, groups_per_batch=2, subgroups=sub, subgroups_per_group=2, process_index=0, process_count=1)
     for b in [next(train_batches(src, 4, seed=s, **kw)) for s in range(5)]:
         idx = b["image"][:, 0, 0, 0].astype(int)
         assert groups[idx[0]] == groups[idx[1]] != groups[idx[2]] == groups[idx[3]]
@@ -117,8 +123,15 @@ def _write_folder(root, fmt="jsonl"):
         Image.new("RGB", (10 + 2 * i, 8), c).save(root / "imgs" / f"{i}.png")
     Image.new("L", (8, 8), 128).save(root / "imgs" / "grey.png")
     (root / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    rows = [("imgs/0.png", "red"), ("imgs/broken.png", "broken"), ("imgs/1.png", "green"), ("imgs/1.png", "lime"),
-            ("imgs/missing.png", "gone"), ("imgs/2.png", "blue"), ("imgs/grey.png", "grey")]
+    rows = [
+        ("imgs/0.png", "red"),
+        ("imgs/broken.png", "broken"),
+        ("imgs/1.png", "green"),
+        ("imgs/1.png", "lime"),
+        ("imgs/missing.png", "gone"),
+        ("imgs/2.png", "blue"),
+        ("imgs/grey.png", "grey"),
+    ]
     if fmt == "jsonl":
         with open(root / "captions.jsonl", "w") as f:
             for image, caption in rows:
@@ -171,9 +184,15 @@ def _build_tiny_coco(data_dir):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(6)}

@@ -57,8 +57,9 @@ def _randomize(params, seed=0):
     """Replace every parameter (incl. zero-initialised biases and unit LayerNorm scales) with random values."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) + (x.ndim == 1) for k, x in
-                                     zip(keys, leaves)])
+    return jax.tree.unflatten(
+        tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) + (x.ndim == 1) for k, x in zip(keys, leaves)]
+    )
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,12 @@ def test_bfloat16_embeddings_are_computed_in_float32():
     img, txt = _embeds(11)
     got = losses.sigmoid_contrastive_loss(jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16), SCALE, BIAS)
     assert got.dtype == jnp.float32
-    want = np_sigmoid_loss(np.asarray(jnp.asarray(img, jnp.bfloat16), np.float64),
-                           np.asarray(jnp.asarray(txt, jnp.bfloat16), np.float64), SCALE, BIAS)
+    want = np_sigmoid_loss(
+        np.asarray(jnp.asarray(img, jnp.bfloat16), np.float64),
+        np.asarray(jnp.asarray(txt, jnp.bfloat16), np.float64),
+        SCALE,
+        BIAS,
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 

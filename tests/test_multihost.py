@@ -32,14 +32,29 @@ def _start(config, workdir, out, num_processes=2, extra_env=None):
     port = _free_port()
     procs = []
     for i in range(num_processes):
-        env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   MMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MMJAX_NUM_PROCESSES=str(num_processes),
-                   MMJAX_PROCESS_ID=str(i), MMJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT),
-                   MMJAX_INITIALIZATION_TIMEOUT="120", MMJAX_SHUTDOWN_TIMEOUT="30", **(extra_env or {}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.jobs.contrastive_job", json.dumps(config),
-                                       workdir, out], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            PYTHONPATH=REPO,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            MMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            MMJAX_NUM_PROCESSES=str(num_processes),
+            MMJAX_PROCESS_ID=str(i),
+            MMJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT),
+            MMJAX_INITIALIZATION_TIMEOUT="120",
+            MMJAX_SHUTDOWN_TIMEOUT="30",
+            **(extra_env or {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.jobs.contrastive_job", json.dumps(config), workdir, out],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -52,7 +67,7 @@ def _finish(procs, timeout=300):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"multi-process job did not finish in {timeout} s")
+            raise AssertionError(f"multi-process job did not finish in {timeout} s") from None
     return outs
 
 
@@ -85,8 +100,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_process_makes_the_other_exit_with_an_error(tmp_path, victim):
-    config = tiny_config(**{"parallel.mode": "sharded", "num_steps": 10_000, "checkpoint_every": 0,
-                            "log_every": 1})
+    config = tiny_config(**{"parallel.mode": "sharded", "num_steps": 10_000, "checkpoint_every": 0, "log_every": 1})
     workdir = str(tmp_path / "run")
     procs = _start(config, workdir, str(tmp_path / "out.npz"), extra_env={"MMJAX_TEST_STEP_DELAY": "0.2"})
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -103,7 +117,7 @@ def test_killed_process_makes_the_other_exit_with_an_error(tmp_path, victim):
         _, stderr = survivor.communicate(timeout=HEARTBEAT * 6 + 60)
     except subprocess.TimeoutExpired:
         survivor.kill()
-        raise AssertionError("the surviving process hung after its peer was killed")
+        raise AssertionError("the surviving process hung after its peer was killed") from None
     elapsed = time.time() - t_kill
     procs[victim].communicate()
     assert survivor.returncode != 0, "the survivor must fail loudly, not report success"
@@ -112,11 +126,21 @@ def test_killed_process_makes_the_other_exit_with_an_error(tmp_path, victim):
 
 
 def test_settings_from_config_and_environment():
-    env = {"MMJAX_COORDINATOR_ADDRESS": "10.1.2.3:777", "MMJAX_NUM_PROCESSES": "4", "MMJAX_PROCESS_ID": "3",
-           "MMJAX_HEARTBEAT_TIMEOUT": "12"}
+    env = {
+        "MMJAX_COORDINATOR_ADDRESS": "10.1.2.3:777",
+        "MMJAX_NUM_PROCESSES": "4",
+        "MMJAX_PROCESS_ID": "3",
+        "MMJAX_HEARTBEAT_TIMEOUT": "12",
+    }
     s = distributed_settings({}, environ=env)
-    assert s == {"coordinator_address": "10.1.2.3:777", "num_processes": 4, "process_id": 3,
-                 "heartbeat_timeout_seconds": 12, "initialization_timeout": 300, "shutdown_timeout_seconds": 300}
+    assert s == {
+        "coordinator_address": "10.1.2.3:777",
+        "num_processes": 4,
+        "process_id": 3,
+        "heartbeat_timeout_seconds": 12,
+        "initialization_timeout": 300,
+        "shutdown_timeout_seconds": 300,
+    }
     # the config wins over the environment, field by field
     s = distributed_settings({"distributed": {"process_id": 1, "initialization_timeout": 5}}, environ=env)
     assert (s["process_id"], s["num_processes"], s["initialization_timeout"]) == (1, 4, 5)

@@ -1,7 +1,6 @@
 """The node-classification task (mmjax.train.node_classification), the GCN model and the karate club dataset."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -50,7 +49,8 @@ def test_registered_and_karate_dataset():
     d = karate_club()
     senders, receivers = d["graph"].senders, d["graph"].receivers
     assert len(senders) == 156 and set(zip(senders.tolist(), receivers.tolist())) == set(
-        zip(receivers.tolist(), senders.tolist()))  # undirected: both directions
+        zip(receivers.tolist(), senders.tolist())
+    )  # undirected: both directions
     assert d["labels"][0] == 0 and d["labels"][33] == 1 and 10 < d["labels"].sum() < 24
     assert (d["train_mask"] ^ d["test_mask"]).all() and d["train_mask"].sum() == 2
     with pytest.raises(ValueError, match="train_nodes"):
@@ -110,11 +110,20 @@ def test_custom_dataset_by_path_trains(tmp_path):
     assert result["train_loss"] < 0.3 and result["eval_accuracy_train_nodes"] == 1.0
 
 
-@pytest.mark.parametrize("changes,match", [
-    ({"parallel": ml_collections.ConfigDict({"mode": "pmap", "num_devices": 0, "fsdp": False,
-                                             "fsdp_min_size": 16384})}, "parallel.mode"),
-    ({"batch_size": 8}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (
+            {
+                "parallel": ml_collections.ConfigDict(
+                    {"mode": "pmap", "num_devices": 0, "fsdp": False, "fsdp_min_size": 16384}
+                )
+            },
+            "parallel.mode",
+        ),
+        ({"batch_size": 8}, "batch_size"),
+    ],
+)
 def test_bad_config_raises(changes, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train_and_evaluate(_config(**changes), str(tmp_path))

@@ -47,8 +47,9 @@ def execute(name: str, tmp_dir):
     """Runs notebook ``name`` top to bottom in a fresh kernel; returns ``(summary dict, kernel's sys.executable)``."""
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    )
     client.execute(env=kernel_env(tmp_dir))  # raises CellExecutionError at the first failing cell
     summaries = [c for c in nb.cells if "summary" in c.metadata.get("tags", [])]
     assert len(summaries) == 1, f"{name}: expected one cell tagged 'summary', found {len(summaries)}"
@@ -113,5 +114,6 @@ def test_notebooks_are_stored_without_outputs(name):
 def test_notebook_runs(name, tmp_path):
     summary, executable = execute(name, tmp_path)
     assert os.path.abspath(executable) == os.path.abspath(sys.executable), (
-        f"the python3 kernel ran {executable!r}, not this interpreter {sys.executable!r}")
+        f"the python3 kernel ran {executable!r}, not this interpreter {sys.executable!r}"
+    )
     CHECKS[name](summary)

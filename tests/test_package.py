@@ -17,4 +17,4 @@ def test_submodules_are_reachable_and_unknown_names_raise():
     for name in mmjax._SUBMODULES:
         assert getattr(mmjax, name).__name__ == f"mmjax.{name}"
     with pytest.raises(AttributeError, match="no_such_thing"):
-        mmjax.no_such_thing
+        _ = mmjax.no_such_thing

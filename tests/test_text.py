@@ -96,8 +96,9 @@ def test_jit_and_grad(ids, params):
 
 def test_scan_matches_unrolled(ids, params):
     scanned = make(scan=True)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), params["encoder"]["encoderblock_0"],
-                           params["encoder"]["encoderblock_1"])
+    stacked = jax.tree.map(
+        lambda *xs: jnp.stack(xs), params["encoder"]["encoderblock_0"], params["encoder"]["encoderblock_1"]
+    )
     p = {**params, "encoder": {"encoderblock": stacked, "encoder_norm": params["encoder"]["encoder_norm"]}}
     np.testing.assert_allclose(
         scanned.apply({"params": p}, ids)[0], make().apply({"params": params}, ids)[0], rtol=1e-5, atol=1e-5

@@ -100,7 +100,7 @@ def test_from_pretrained_hf_dir_and_openai_gz(tmp_path, bpe):
     assert again.vocab == bpe.vocab and again.merges == bpe.merges
     gz = tmp_path / "bpe.txt.gz"
     with gzip.open(gz, "wt", encoding="utf-8") as fh:
-        fh.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n")
+        fh.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n")
     openai = CLIPTokenizer.from_pretrained(gz)
     assert openai.vocab == bpe.vocab
     texts = ["the cat", "hi there!"]

@@ -27,8 +27,13 @@ def data_dir(tmp_path_factory):
 
 
 def slow_config(data_dir):
-    return tiny_config(data_dir, task="tests.test_train_models:SlowClassificationTask", num_steps=STEPS,
-                       checkpoint_every=2, log_every=1)
+    return tiny_config(
+        data_dir,
+        task="tests.test_train_models:SlowClassificationTask",
+        num_steps=STEPS,
+        checkpoint_every=2,
+        log_every=1,
+    )
 
 
 def final_params(workdir):
@@ -47,8 +52,9 @@ def start_run(config, workdir, delay):
         "print(json.dumps(r))\n"
     )
     env = dict(os.environ, MMJAX_TEST_BATCH_DELAY=str(delay), PYTHONPATH=REPO)
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_checkpoint(workdir, proc, min_step=2, timeout=600):

@@ -11,26 +11,38 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.train import DEFAULT_DECAY_RULES, decay_multipliers, make_optimizer, make_schedule, prepare_config, \
-    train_and_evaluate
+from mmjax.train import (
+    DEFAULT_DECAY_RULES,
+    decay_multipliers,
+    make_optimizer,
+    make_schedule,
+    prepare_config,
+    train_and_evaluate,
+)
 from mmjax.train.config import default_config, from_json, to_json
 from mmjax.train.metrics import MetricLogger, read_metrics
 from mmjax.train.task import Task, make_task, resolve_task_class
 from tests.test_train_models import tiny_config, write_tiny_fashion_mnist
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ({"parallel": {"mode": "tpu"}}, r"config.parallel.mode='tpu' is not valid; valid choices: \['single', 'pmap', 'sharded'\]"),
-    ({"optimizer": {"lr": -0.1}}, r"config.optimizer.lr=-0.1 is not valid; expected a number >= 0"),
-    ({"batch_size": 0}, r"config.batch_size=0 is not valid; expected an int > 0"),
-    ({"batch_size": 12.5}, r"config.batch_size=12.5"),
-    ({"optimizer": {"grad_accum_steps": 0}}, r"config.optimizer.grad_accum_steps=0"),
-    ({"optimizer": {"lrr": 0.1}}, r"config.optimizer.lrr is not a known setting; valid keys: \[.*'lr'"),
-    ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0 .*\[0, 1\)"),
-    ({"num_steps": 0, "num_epochs": 0}, r"config.num_steps=0 and config.num_epochs=0"),
-    ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0"),
-    ({"optimizer": {"b2": 1.0}}, r"config.optimizer.b2=1.0"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        (
+            {"parallel": {"mode": "tpu"}},
+            r"config.parallel.mode='tpu' is not valid; valid choices: \['single', 'pmap', 'sharded'\]",
+        ),
+        ({"optimizer": {"lr": -0.1}}, r"config.optimizer.lr=-0.1 is not valid; expected a number >= 0"),
+        ({"batch_size": 0}, r"config.batch_size=0 is not valid; expected an int > 0"),
+        ({"batch_size": 12.5}, r"config.batch_size=12.5"),
+        ({"optimizer": {"grad_accum_steps": 0}}, r"config.optimizer.grad_accum_steps=0"),
+        ({"optimizer": {"lrr": 0.1}}, r"config.optimizer.lrr is not a known setting; valid keys: \[.*'lr'"),
+        ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0 .*\[0, 1\)"),
+        ({"num_steps": 0, "num_epochs": 0}, r"config.num_steps=0 and config.num_epochs=0"),
+        ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0"),
+        ({"optimizer": {"b2": 1.0}}, r"config.optimizer.b2=1.0"),
+    ],
+)
 def test_bad_config_values(override, pattern):
     with pytest.raises(ValueError, match=pattern):
         prepare_config(override)
@@ -57,10 +69,17 @@ def test_config_json_roundtrip():
 
 def test_decay_rules_skip_biases_norms_and_embeddings():
     params = {
-        "embedding": {"kernel": 1, "bias": 1}, "cls": 1, "pos_embedding": 1,
-        "encoder": {"encoderblock_0": {"LayerNorm_0": {"scale": 1, "bias": 1},
-                                       "MlpBlock_0": {"Dense_0": {"kernel": 1, "bias": 1}}}},
-        "Embed_0": {"embedding": 1}, "head": {"kernel": 1, "bias": 1},
+        "embedding": {"kernel": 1, "bias": 1},
+        "cls": 1,
+        "pos_embedding": 1,
+        "encoder": {
+            "encoderblock_0": {
+                "LayerNorm_0": {"scale": 1, "bias": 1},
+                "MlpBlock_0": {"Dense_0": {"kernel": 1, "bias": 1}},
+            }
+        },
+        "Embed_0": {"embedding": 1},
+        "head": {"kernel": 1, "bias": 1},
     }
     mults = decay_multipliers(params, DEFAULT_DECAY_RULES)
     decayed = sorted(p for p, m in _flat(mults).items() if m == 1.0)
@@ -83,13 +102,29 @@ def test_schedule_warmup_then_cosine():
 
 def test_optimizer_matches_optax_adamw_with_mask():
     rng = np.random.default_rng(0)
-    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-                        "bias": jnp.asarray(rng.normal(size=2), jnp.float32)}}
-    cfg = ml_collections.ConfigDict(dict(lr=0.01, weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8, warmup_steps=0,
-                                         end_lr_ratio=1.0, grad_clip=0.0, decay_rules=DEFAULT_DECAY_RULES))
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=2), jnp.float32),
+        }
+    }
+    cfg = ml_collections.ConfigDict(
+        dict(
+            lr=0.01,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            warmup_steps=0,
+            end_lr_ratio=1.0,
+            grad_clip=0.0,
+            decay_rules=DEFAULT_DECAY_RULES,
+        )
+    )
     tx, _ = make_optimizer(cfg, params, total_steps=10)
-    ref = optax.adamw(0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-                      mask={"dense": {"kernel": True, "bias": False}})
+    ref = optax.adamw(
+        0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, mask={"dense": {"kernel": True, "bias": False}}
+    )
     p1, p2, s1, s2 = params, params, tx.init(params), ref.init(params)
     for i in range(3):
         g = jax.tree.map(lambda x: jnp.sin(x * (i + 1)), p1)
@@ -101,8 +136,19 @@ def test_optimizer_matches_optax_adamw_with_mask():
 
 def test_gradient_clipping_bounds_the_update():
     params = {"kernel": jnp.zeros(4)}
-    cfg = ml_collections.ConfigDict(dict(lr=1.0, weight_decay=0.0, b1=0.0, b2=0.0, eps=0.0, warmup_steps=0,
-                                         end_lr_ratio=1.0, grad_clip=0.5, decay_rules=DEFAULT_DECAY_RULES))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            lr=1.0,
+            weight_decay=0.0,
+            b1=0.0,
+            b2=0.0,
+            eps=0.0,
+            warmup_steps=0,
+            end_lr_ratio=1.0,
+            grad_clip=0.5,
+            decay_rules=DEFAULT_DECAY_RULES,
+        )
+    )
     tx, _ = make_optimizer(cfg, params, 10)
     # b1 = b2 = 0: the Adam update is g / |g| elementwise, independent of clipping; so check clipping alone
     clip = tx.init(params)

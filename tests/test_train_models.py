@@ -76,8 +76,14 @@ def tiny_config(data_dir, **overrides):
     config = {
         "model": {"name": "tests.test_train_models:TinyMLP"},
         "data": {"data_dir": str(data_dir)},
-        "batch_size": 16, "eval_batch_size": 8, "num_steps": 4, "log_every": 2, "checkpoint_every": 2,
-        "progress": False, "tensorboard": False, "plot": False,
+        "batch_size": 16,
+        "eval_batch_size": 8,
+        "num_steps": 4,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
         "optimizer": {"lr": 1e-2, "warmup_steps": 1},
     }
     for key, value in overrides.items():

@@ -1,12 +1,18 @@
 """The three parallel modes train, agree with each other (8 CPU devices), and reject bad batch sizes early."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from mmjax.train import TrainState, make_optimizer, make_plan, make_task, make_train_step, prepare_config, \
-    train_and_evaluate
+from mmjax.train import (
+    TrainState,
+    make_optimizer,
+    make_plan,
+    make_task,
+    make_train_step,
+    prepare_config,
+    train_and_evaluate,
+)
 from tests.test_train_models import tiny_config, write_tiny_fashion_mnist
 
 
@@ -17,10 +23,20 @@ def data_dir(tmp_path_factory):
 
 def run_steps(data_dir, mode, steps=3, accum=1, fsdp=False, batch_size=32, **overrides):
     """Final params after ``steps`` optimizer steps in ``mode`` (canonical, on the host)."""
-    config = prepare_config(tiny_config(
-        data_dir, **{"parallel.mode": mode, "parallel.fsdp": fsdp, "parallel.fsdp_min_size": 16,
-                     "optimizer.grad_accum_steps": accum, "batch_size": batch_size, "num_steps": steps,
-                     **overrides}))
+    config = prepare_config(
+        tiny_config(
+            data_dir,
+            **{
+                "parallel.mode": mode,
+                "parallel.fsdp": fsdp,
+                "parallel.fsdp_min_size": 16,
+                "optimizer.grad_accum_steps": accum,
+                "batch_size": batch_size,
+                "num_steps": steps,
+                **overrides,
+            },
+        )
+    )
     plan = make_plan(mode, 0, fsdp, 16)
     plan.check_batch_size(config.batch_size, accum)
     task = make_task(config)
@@ -29,8 +45,9 @@ def run_steps(data_dir, mode, steps=3, accum=1, fsdp=False, batch_size=32, **ove
     params = task.init_params(jax.random.fold_in(jax.random.key(config.seed), 0), first)
     tx, schedule = make_optimizer(config.optimizer, params, steps)
     state = TrainState.create(params, tx)
-    step_fn = plan.compile_train_step(make_train_step(task, tx, schedule, plan, accum, config.seed),
-                                      jax.eval_shape(lambda s: s, state))
+    step_fn = plan.compile_train_step(
+        make_train_step(task, tx, schedule, plan, accum, config.seed), jax.eval_shape(lambda s: s, state)
+    )
     placed = plan.from_canonical(state)
     losses = []
     for _ in range(steps):
@@ -62,10 +79,16 @@ def test_modes_give_same_params_with_and_without_accumulation(data_dir):
     for name, (final, losses, _) in runs.items():
         assert int(final.step) == 3, name
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-6, err_msg=name)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
-                     final.params, reference.params)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
-                     final.opt_state, reference.opt_state)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
+            final.params,
+            reference.params,
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name),
+            final.opt_state,
+            reference.opt_state,
+        )
 
 
 def test_fsdp_really_shards_parameters(data_dir):
@@ -78,8 +101,7 @@ def test_fsdp_really_shards_parameters(data_dir):
 
 @pytest.mark.parametrize("mode,batch,accum", [("pmap", 12, 1), ("sharded", 20, 1), ("single", 6, 4)])
 def test_batch_not_divisible_is_a_clear_error(data_dir, tmp_path, mode, batch, accum):
-    config = tiny_config(data_dir, **{"parallel.mode": mode, "batch_size": batch,
-                                      "optimizer.grad_accum_steps": accum})
+    config = tiny_config(data_dir, **{"parallel.mode": mode, "batch_size": batch, "optimizer.grad_accum_steps": accum})
     with pytest.raises(ValueError, match=rf"config.batch_size={batch} is not divisible"):
         train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # failed before building anything

@@ -4,7 +4,6 @@ batch that is not a plain array dict (stacked padded sub-batches): all parallel 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -79,6 +78,7 @@ class ToyStackedTask(ToyContrastiveTask):
             h = self.model.apply({"params": params}, nodes)
             pooled = (h * mask[:, None]).sum(0) / mask.sum()
             return jnp.sum((pooled - target) ** 2)
+
         return jax.vmap(one)(batch["nodes"], batch["mask"], batch["target"]).mean(), {}
 
 
@@ -90,8 +90,9 @@ def run(task, mode, steps=3, accum=1):
     params = task.init_params(jax.random.key(0), first)
     tx, schedule = make_optimizer(config.optimizer, params, steps)
     state = TrainState.create(params, tx)
-    step_fn = plan.compile_train_step(make_train_step(task, tx, schedule, plan, accum, 0),
-                                      jax.eval_shape(lambda s: s, state))
+    step_fn = plan.compile_train_step(
+        make_train_step(task, tx, schedule, plan, accum, 0), jax.eval_shape(lambda s: s, state)
+    )
     placed = plan.from_canonical(state)
     batches = task.train_batches(0)
     for _ in range(steps):
@@ -106,5 +107,4 @@ def test_global_batch_and_stacked_tasks_agree_across_modes(task_cls):
     assert not np.allclose(reference["kernel"], initial["kernel"])  # it trained
     for mode in ("pmap", "sharded"):
         got = run(task_cls(), mode)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=mode),
-                     got, reference)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=mode), got, reference)

@@ -47,7 +47,8 @@ def test_decode_variant_table_and_errors():
         ViT(variant="B")
     assert ViT(variant="B", patch_size=8).sizes()["patch_size"] == 8
     assert ViT(variant="S/16", depth=3, width=96).sizes() == dict(
-        width=96, depth=3, mlp_dim=1536, num_heads=6, patch_size=16)
+        width=96, depth=3, mlp_dim=1536, num_heads=6, patch_size=16
+    )
 
 
 def test_bad_options_raise():
@@ -123,8 +124,15 @@ def test_num_classes_zero_and_representation_layer():
 
 def test_clip_style_options():
     x = _images()
-    model = ViT(num_classes=0, pre_norm=True, final_norm="pooled", patch_bias=False, activation="quick_gelu",
-                layer_norm_eps=1e-5, **TINY)
+    model = ViT(
+        num_classes=0,
+        pre_norm=True,
+        final_norm="pooled",
+        patch_bias=False,
+        activation="quick_gelu",
+        layer_norm_eps=1e-5,
+        **TINY,
+    )
     params = _randomize(model.init(jax.random.key(0), x)["params"])
     assert "bias" not in params["embedding"] and "encoder_norm" not in params["encoder"]
     assert {"pre_norm", "post_norm"} <= set(params)
@@ -251,8 +259,9 @@ def test_matmul_stem_equals_conv_stem(size):
     same_init = matmul.init(jax.random.key(0), x)["params"]
     jax.tree.map(np.testing.assert_array_equal, params, same_init)
     params = {**params, "head": {"kernel": jnp.ones_like(params["head"]["kernel"]), "bias": params["head"]["bias"]}}
-    np.testing.assert_allclose(matmul.apply({"params": params}, x)[0], conv.apply({"params": params}, x)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        matmul.apply({"params": params}, x)[0], conv.apply({"params": params}, x)[0], rtol=1e-5, atol=1e-5
+    )
     weights = jax.random.normal(jax.random.key(2), conv.apply({"params": params}, x)[1]["patch_tokens"].shape)
 
     def grad(model):  # a well-conditioned loss on the tokens the stem feeds: O(1) gradients for stem + embedding

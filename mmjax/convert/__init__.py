@@ -70,9 +70,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
         return config.to_dict()
     if isinstance(config, Mapping):
         return dict(config)
-    raise ValueError(
-        f"config must be a dict or a transformers config (with to_dict()), got {type(config).__name__}."
-    )
+    raise ValueError(f"config must be a dict or a transformers config (with to_dict()), got {type(config).__name__}.")
 
 
 def from_hf(source: Any, config: Any = None, **model_options: Any) -> tuple[Any, Any]:

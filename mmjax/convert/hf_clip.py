@@ -83,8 +83,10 @@ def hf_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
     """
     c = config
     if c.vision_stem_features:
-        raise ValueError(f"hf_shapes: vision_stem_features={c.vision_stem_features} (a hybrid image tower) has no "
-                         "Hugging Face CLIP equivalent; only configs with vision_stem_features=() convert.")
+        raise ValueError(
+            f"hf_shapes: vision_stem_features={c.vision_stem_features} (a hybrid image tower) has no "
+            "Hugging Face CLIP equivalent; only configs with vision_stem_features=() convert."
+        )
     tw, vw = c.text_width, c.vision_width
     s: dict[str, tuple[int, ...]] = {
         "text_model.embeddings.token_embedding.weight": (c.vocab_size, tw),
@@ -318,8 +320,10 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any, **model_optio
     """
     unknown = sorted(set(model_options) - set(_CONFIG_OPTIONS) - {"dtype", "param_dtype"})
     if unknown:
-        raise ValueError(f"from_hf (clip): unknown model options {unknown}; valid: "
-                         f"{sorted(_CONFIG_OPTIONS + ('dtype', 'param_dtype'))}.")
+        raise ValueError(
+            f"from_hf (clip): unknown model options {unknown}; valid: "
+            f"{sorted(_CONFIG_OPTIONS + ('dtype', 'param_dtype'))}."
+        )
     overrides = {k: model_options.pop(k) for k in _CONFIG_OPTIONS if k in model_options}
     cfg = config.replace(**overrides) if isinstance(config, CLIPConfig) else CLIPConfig.from_hf(config, **overrides)
     param_dtype = model_options.get("param_dtype", np.float32)

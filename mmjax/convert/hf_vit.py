@@ -176,9 +176,7 @@ def _activation(name: str, field: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
-def expected_shapes(
-    config: Mapping[str, Any], *, num_classes: int, pooler: bool
-) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: Mapping[str, Any], *, num_classes: int, pooler: bool) -> dict[str, tuple[int, ...]]:
     """The normalised HF names and shapes a ViT checkpoint of this config must have (see :func:`normalize_names`).
 
     Example:
@@ -321,19 +319,37 @@ def from_hf_state_dict(
     return model, params
 
 
-_TO_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "quick_gelu": "quick_gelu", "relu": "relu",
-                      "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid", "identity": "linear"}
+_TO_HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_new",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "tanh": "tanh",
+    "sigmoid": "sigmoid",
+    "identity": "linear",
+}
 
 
 def _check_hf_compatible(model: ViT) -> None:
-    needs = dict(class_token=True, cls_posemb=True, pool_type="token", final_norm="sequence", posemb="learn",
-                 pre_norm=False, patch_bias=True, attention_bias=True)
+    needs = dict(
+        class_token=True,
+        cls_posemb=True,
+        pool_type="token",
+        final_norm="sequence",
+        posemb="learn",
+        pre_norm=False,
+        patch_bias=True,
+        attention_bias=True,
+    )
     wrong = {k: getattr(model, k) for k, v in needs.items() if getattr(model, k) != v}
     if wrong:
         raise ValueError(f"this ViT has no Hugging Face ViT equivalent: {wrong} (HF ViT needs {needs}).")
     if model.num_classes and model.representation_size is not None:
-        raise ValueError("ViTForImageClassification has no pooler: a ViT with both num_classes > 0 and "
-                         f"representation_size={model.representation_size} cannot be written in HF layout.")
+        raise ValueError(
+            "ViTForImageClassification has no pooler: a ViT with both num_classes > 0 and "
+            f"representation_size={model.representation_size} cannot be written in HF layout."
+        )
 
 
 def to_hf_config(model: ViT, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,11 +369,19 @@ def to_hf_config(model: ViT, params: Mapping[str, Any]) -> dict[str, Any]:
     if side * side != patches:
         raise ValueError(f"pos_embedding covers {patches} patches, not a square grid; HF ViT needs square images.")
     config = dict(
-        model_type="vit", architectures=["ViTForImageClassification" if model.num_classes else "ViTModel"],
-        hidden_size=s["width"], num_hidden_layers=s["depth"], num_attention_heads=s["num_heads"],
-        intermediate_size=s["mlp_dim"], patch_size=s["patch_size"], image_size=side * s["patch_size"],
-        num_channels=int(np.shape(params["embedding"]["kernel"])[2]), hidden_act=_TO_HF_ACTIVATIONS[model.activation],
-        layer_norm_eps=model.layer_norm_eps, qkv_bias=True, hidden_dropout_prob=0.0,
+        model_type="vit",
+        architectures=["ViTForImageClassification" if model.num_classes else "ViTModel"],
+        hidden_size=s["width"],
+        num_hidden_layers=s["depth"],
+        num_attention_heads=s["num_heads"],
+        intermediate_size=s["mlp_dim"],
+        patch_size=s["patch_size"],
+        image_size=side * s["patch_size"],
+        num_channels=int(np.shape(params["embedding"]["kernel"])[2]),
+        hidden_act=_TO_HF_ACTIVATIONS[model.activation],
+        layer_norm_eps=model.layer_norm_eps,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     if model.num_classes:

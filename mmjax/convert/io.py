@@ -207,9 +207,7 @@ def check_state_dict(
         raise ValueError(f"{what} does not match: " + "; ".join(problems))
 
 
-def save_hf_dir(
-    directory: str | os.PathLike, state_dict: Mapping[str, Any], config: Mapping[str, Any] | Any
-) -> None:
+def save_hf_dir(directory: str | os.PathLike, state_dict: Mapping[str, Any], config: Mapping[str, Any] | Any) -> None:
     """Writes ``model.safetensors`` and ``config.json`` (the layout ``from_pretrained`` reads).
 
     Args:
@@ -229,8 +227,10 @@ def save_hf_dir(
     os.makedirs(directory, exist_ok=True)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     # np.ascontiguousarray makes 0-d arrays 1-d (e.g. CLIP's logit_scale []): restore the shape.
-    tensors = {k: np.ascontiguousarray(a).reshape(a.shape) for k, a in
-               ((k, _tensor_to_numpy(v)) for k, v in state_dict.items())}
+    tensors = {
+        k: np.ascontiguousarray(a).reshape(a.shape)
+        for k, a in ((k, _tensor_to_numpy(v)) for k, v in state_dict.items())
+    }
     save_file(tensors, os.path.join(directory, _SAFETENSORS), metadata={"format": "pt"})
     with open(os.path.join(directory, _CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=str)

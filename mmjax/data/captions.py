@@ -55,8 +55,16 @@ __all__ = [
 ITEM_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "white")
 COLOUR_RGB = np.array(
-    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255], [255, 128, 0],
-     [255, 255, 255]],
+    [
+        [255, 0, 0],
+        [0, 255, 0],
+        [0, 0, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [255, 0, 255],
+        [255, 128, 0],
+        [255, 255, 255],
+    ],
     np.uint8,
 )
 SIZE_NAMES = ("small", "large")
@@ -66,8 +74,16 @@ ATTRIBUTES = {"item": ITEM_NAMES, "colour": COLOUR_NAMES, "size": SIZE_NAMES, "p
 
 # One held-out colour per item; every colour stays in training with at least 8 other items.
 HELDOUT_COMBOS = (
-    ("yellow", "t-shirt"), ("magenta", "trouser"), ("red", "pullover"), ("green", "dress"), ("orange", "coat"),
-    ("white", "sandal"), ("blue", "shirt"), ("red", "sneaker"), ("blue", "bag"), ("cyan", "ankle boot"),
+    ("yellow", "t-shirt"),
+    ("magenta", "trouser"),
+    ("red", "pullover"),
+    ("green", "dress"),
+    ("orange", "coat"),
+    ("white", "sandal"),
+    ("blue", "shirt"),
+    ("red", "sneaker"),
+    ("blue", "bag"),
+    ("cyan", "ankle boot"),
 )
 
 CAPTION_TEMPLATE = "a {size} {colour} {item} in the {position}"
@@ -80,7 +96,10 @@ def _caption_templates(attribute: str) -> tuple[str, ...]:
     slots = {a: ("{}",) if a == attribute else ATTRIBUTES[a] for a in ATTRIBUTES}
     return tuple(
         CAPTION_TEMPLATE.format(size=s, colour=c, item=i, position=p)
-        for s in slots["size"] for c in slots["colour"] for i in slots["item"] for p in slots["position"]
+        for s in slots["size"]
+        for c in slots["colour"]
+        for i in slots["item"]
+        for p in slots["position"]
     )
 
 
@@ -125,8 +144,12 @@ def caption(item, colour, size, position) -> str:
     >>> caption(7, 0, 0, 0)
     'a small red sneaker in the top left'
     """
-    return CAPTION_TEMPLATE.format(size=SIZE_NAMES[int(size)], colour=COLOUR_NAMES[int(colour)],
-                                   item=ITEM_NAMES[int(item)], position=POSITION_NAMES[int(position)])
+    return CAPTION_TEMPLATE.format(
+        size=SIZE_NAMES[int(size)],
+        colour=COLOUR_NAMES[int(colour)],
+        item=ITEM_NAMES[int(item)],
+        position=POSITION_NAMES[int(position)],
+    )
 
 
 def combo_names(combos=HELDOUT_COMBOS) -> list[str]:
@@ -199,8 +222,11 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
         raise ValueError(f"items must be grey images [N, h, w] or [N, h, w, 1], got shape {items.shape}.")
     n = items.shape[0]
     attrs = {}
-    for name, values, names in (("colour", colour, COLOUR_NAMES), ("size", size, SIZE_NAMES),
-                                ("position", position, POSITION_NAMES)):
+    for name, values, names in (
+        ("colour", colour, COLOUR_NAMES),
+        ("size", size, SIZE_NAMES),
+        ("position", position, POSITION_NAMES),
+    ):
         values = np.asarray(values)
         if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
             raise ValueError(f"{name} must be int [{n}] (one per item), got {values.dtype} {values.shape}.")
@@ -226,7 +252,7 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
         for p in range(len(POSITION_NAMES)):
             here = attrs["position"][in_size] == p
             top, left = int(boxes[s, p, 0]), int(boxes[s, p, 1])
-            canvas[in_size[here], top:top + side, left:left + side] = tinted[here]
+            canvas[in_size[here], top : top + side, left : left + side] = tinted[here]
     return canvas
 
 
@@ -246,8 +272,16 @@ def _source(split, data_dir, source):
     return images, labels.astype(np.int64)
 
 
-def make_captions(split: str = "train", num_examples: int | None = None, seed: int = 0, *, image_size: int = 64,
-                  heldout=HELDOUT_COMBOS, data_dir: str | None = None, source=None) -> CaptionedImages:
+def make_captions(
+    split: str = "train",
+    num_examples: int | None = None,
+    seed: int = 0,
+    *,
+    image_size: int = 64,
+    heldout=HELDOUT_COMBOS,
+    data_dir: str | None = None,
+    source=None,
+) -> CaptionedImages:
     """Generates one split of Fashion-MNIST captions, deterministically from ``seed``.
 
     Args:

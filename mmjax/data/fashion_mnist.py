@@ -26,8 +26,7 @@ import os
 import numpy as np
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
 SPLITS = {"train": ("train", 60000), "test": ("t10k", 10000)}
 INSTALL_HINT = (
@@ -36,8 +35,14 @@ INSTALL_HINT = (
     "`--config.data.data_dir=DIR`, or prepare the TFDS dataset `fashion_mnist`"
 )
 
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
-           0x0E: np.dtype(">f8")}
+_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def _open(path: str):

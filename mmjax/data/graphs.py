@@ -56,8 +56,13 @@ def grid_graph(rows: int, cols: int, neighbours: int = 8, nodes=None) -> Graph:
     s, r = _grid_edges(int(rows), int(cols), int(neighbours))
     n = rows * cols
     nodes = np.zeros((n, 0), np.float32) if nodes is None else nodes
-    return Graph(nodes=nodes, senders=s.copy(), receivers=r.copy(), n_node=np.array([n], np.int32),
-                 n_edge=np.array([len(s)], np.int32))
+    return Graph(
+        nodes=nodes,
+        senders=s.copy(),
+        receivers=r.copy(),
+        n_node=np.array([n], np.int32),
+        n_edge=np.array([len(s)], np.int32),
+    )
 
 
 def image_patches(images, patch: int):
@@ -69,7 +74,9 @@ def image_patches(images, patch: int):
     """
     images = jnp.asarray(images)
     if images.ndim != 4:
-        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}; add a channel axis with x[..., None].")
+        raise ValueError(
+            f"images must be [B, H, W, C], got shape {images.shape}; add a channel axis with x[..., None]."
+        )
     b, h, w, c = images.shape
     if h % patch or w % patch:
         raise ValueError(f"patch={patch} must divide the image size {h}x{w}.")

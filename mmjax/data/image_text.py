@@ -36,7 +36,8 @@ import csv
 import io
 import json
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -172,7 +173,9 @@ class ArrayImageText(_SkipsCorrupt):
             raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
         n = images.shape[0]
         if len(captions) != n:
-            raise ValueError(f"captions has {len(captions)} entries but images has {n}; give one (or a list) per image.")
+            raise ValueError(
+                f"captions has {len(captions)} entries but images has {n}; give one (or a list) per image."
+            )
         self.images = images
         self.captions = [_as_captions(c) for c in captions]
         self.extras = {}
@@ -189,8 +192,7 @@ class ArrayImageText(_SkipsCorrupt):
     def _read(self, i: int) -> dict:
         if not self.captions[i]:
             raise ValueError("no caption")
-        return {"image": self.images[i], "captions": self.captions[i],
-                **{k: int(v[i]) for k, v in self.extras.items()}}
+        return {"image": self.images[i], "captions": self.captions[i], **{k: int(v[i]) for k, v in self.extras.items()}}
 
     def all_captions(self) -> list[str]:
         """Every caption (for building a vocabulary)."""
@@ -280,8 +282,10 @@ class FolderImageText(_SkipsCorrupt):
     def _read(self, i: int) -> dict:
         if not self.captions[i]:
             raise ValueError("no caption")
-        return {"image": decode_image(os.path.join(self.root, self.files[i]), self.image_size),
-                "captions": self.captions[i]}
+        return {
+            "image": decode_image(os.path.join(self.root, self.files[i]), self.image_size),
+            "captions": self.captions[i],
+        }
 
     def all_captions(self) -> list[str]:
         """Every caption (for building a vocabulary)."""
@@ -307,7 +311,9 @@ def _lookup(record, key: str):
         if isinstance(record, dict) and part in record:
             record = record[part]
         else:
-            raise KeyError(f"no field {key!r} in the record (fields: {sorted(record) if isinstance(record, dict) else type(record)})")
+            raise KeyError(
+                f"no field {key!r} in the record (fields: {sorted(record) if isinstance(record, dict) else type(record)})"
+            )
     return record
 
 
@@ -337,8 +343,15 @@ class TFDSImageText(_SkipsCorrupt):
     True
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",
-                 caption_key: str = "captions/text", image_size: int = 224):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None = None,
+        image_key: str = "image",
+        caption_key: str = "captions/text",
+        image_size: int = 224,
+    ):
         import tensorflow_datasets as tfds
 
         builder = _prepared_copy(tfds, name, data_dir)  # reads dataset_info.json: no builder code, no TensorFlow
@@ -411,9 +424,19 @@ def _collate(records: list[dict], captions: list[str]) -> dict:
     return out
 
 
-def train_batches(source, batch_size: int, seed: int, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None, *, groups=None, groups_per_batch: int = 0, subgroups=None,
-                  subgroups_per_group: int = 1) -> Iterator[dict]:
+def train_batches(
+    source,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    groups=None,
+    groups_per_batch: int = 0,
+    subgroups=None,
+    subgroups_per_group: int = 1,
+) -> Iterator[dict]:
     """This host's training batches from ``start_step``: ``{"image": uint8 [b, H, W, 3], "caption": [b] str, ...}``.
 
     ``batch_size`` is the global batch; each of ``process_count`` hosts reads ``batch_size // process_count``
@@ -446,8 +469,16 @@ def train_batches(source, batch_size: int, seed: int, start_step: int = 0, proce
         raise ValueError("the training source is empty (or this host's share of it is).")
     local = batch_size // count
     if groups_per_batch:
-        order = _GroupedOrder(np.asarray([ds[i] for i in range(len(ds))]), len(source), local, seed, groups,
-                              groups_per_batch, subgroups, subgroups_per_group)
+        order = _GroupedOrder(
+            np.asarray([ds[i] for i in range(len(ds))]),
+            len(source),
+            local,
+            seed,
+            groups,
+            groups_per_batch,
+            subgroups,
+            subgroups_per_group,
+        )
     else:
         order = ds.shuffle(seed=int(seed) % 2**32).repeat(None)
     step = int(start_step)
@@ -462,8 +493,17 @@ def train_batches(source, batch_size: int, seed: int, start_step: int = 0, proce
 class _GroupedOrder:
     """``order[step * b + j]``: example ``j`` of the grouped batch of ``step`` (see :func:`train_batches`)."""
 
-    def __init__(self, indices: np.ndarray, n: int, local: int, seed: int, groups, groups_per_batch: int,
-                 subgroups=None, subgroups_per_group: int = 1):
+    def __init__(
+        self,
+        indices: np.ndarray,
+        n: int,
+        local: int,
+        seed: int,
+        groups,
+        groups_per_batch: int,
+        subgroups=None,
+        subgroups_per_group: int = 1,
+    ):
         keys = [("groups", groups, groups_per_batch)]
         if subgroups is not None:
             keys.append(("subgroups", subgroups, subgroups_per_group))
@@ -516,8 +556,9 @@ class _GroupedOrder:
         return int(self._batch[j])
 
 
-def eval_batches(source, batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+def eval_batches(
+    source, batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> Iterator[dict]:
     """This host's evaluation batches in order, first caption of each example, the last batch zero-padded.
 
     Adds ``mask`` (``float32 [b]``, 1 = real example); every host yields the same number of batches.
@@ -536,16 +577,25 @@ def eval_batches(source, batch_size: int, process_index: int | None = None,
         idx = [ds[k] for k in range(start, min(start + local, len(ds)))]
         records = [source[i] for i in idx]
         real = len(records)
-        pad = {"image": np.zeros_like(first["image"]), "captions": ("",),
-               **{k: 0 for k in first if k not in ("image", "captions")}}
+        pad = {
+            "image": np.zeros_like(first["image"]),
+            "captions": ("",),
+            **{k: 0 for k in first if k not in ("image", "captions")},
+        }
         records += [pad] * (local - real)
         batch = _collate(records, [r["captions"][0] for r in records])
         batch["mask"] = np.concatenate([np.ones(real, np.float32), np.zeros(local - real, np.float32)])
         yield batch
 
 
-def fashion_mnist_captions(split: str, num_examples: int | None = None, seed: int = 0, image_size: int = 64,
-                           data_dir: str | None = None, source=None) -> ArrayImageText:
+def fashion_mnist_captions(
+    split: str,
+    num_examples: int | None = None,
+    seed: int = 0,
+    image_size: int = 64,
+    data_dir: str | None = None,
+    source=None,
+) -> ArrayImageText:
     """A split of :func:`mmjax.data.captions.make_captions` as a source with the attribute labels as extras.
 
     Extras: ``item``, ``colour``, ``size``, ``position`` (indices into the names of :mod:`mmjax.data.captions`).
@@ -557,5 +607,6 @@ def fashion_mnist_captions(split: str, num_examples: int | None = None, seed: in
     from mmjax.data.captions import make_captions
 
     data = make_captions(split, num_examples, seed, image_size=image_size, data_dir=data_dir or None, source=source)
-    return ArrayImageText(data.images, data.captions, item=data.item, colour=data.colour, size=data.size,
-                          position=data.position)
+    return ArrayImageText(
+        data.images, data.captions, item=data.item, colour=data.colour, size=data.size, position=data.position
+    )

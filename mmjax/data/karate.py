@@ -15,7 +15,7 @@ A node-classification dataset (what :mod:`mmjax.train.node_classification` reads
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,8 +33,10 @@ def node_masks(num_nodes: int, train_nodes: Sequence[int]):
     """
     idx = np.asarray(list(train_nodes), np.int64)
     if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= num_nodes:
-        raise ValueError(f"train_nodes={list(train_nodes)!r} is not valid; expected a non-empty list of node "
-                         f"indices in [0, {num_nodes})")
+        raise ValueError(
+            f"train_nodes={list(train_nodes)!r} is not valid; expected a non-empty list of node "
+            f"indices in [0, {num_nodes})"
+        )
     train = np.zeros(num_nodes, bool)
     train[idx] = True
     return train, ~train
@@ -58,8 +60,18 @@ def karate_club(train_nodes: Sequence[int] = (0, 33)) -> dict:
     senders = np.concatenate([edges[:, 0], edges[:, 1]])
     receivers = np.concatenate([edges[:, 1], edges[:, 0]])
     labels = np.array([0 if g.nodes[i]["club"] == "Mr. Hi" else 1 for i in range(n)], np.int32)
-    graph = Graph(nodes=np.eye(n, dtype=np.float32), senders=senders, receivers=receivers,
-                  n_node=np.array([n], np.int32), n_edge=np.array([len(senders)], np.int32))
+    graph = Graph(
+        nodes=np.eye(n, dtype=np.float32),
+        senders=senders,
+        receivers=receivers,
+        n_node=np.array([n], np.int32),
+        n_edge=np.array([len(senders)], np.int32),
+    )
     train_mask, test_mask = node_masks(n, train_nodes)
-    return {"graph": graph, "labels": labels, "train_mask": train_mask, "test_mask": test_mask,
-            "class_names": ("Mr. Hi", "Officer")}
+    return {
+        "graph": graph,
+        "labels": labels,
+        "train_mask": train_mask,
+        "test_mask": test_mask,
+        "class_names": ("Mr. Hi", "Officer"),
+    }

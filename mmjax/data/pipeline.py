@@ -23,8 +23,7 @@ to full size and mark real examples in ``batch["mask"]``.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import grain
 import jax
@@ -111,7 +110,9 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     if "image" not in features or "label" not in features:
         raise ValueError(f"TFDS dataset {name!r} has features {list(features)}; need 'image' and 'label'")
     if split not in builder.info.splits:
-        raise ValueError(f"config.data: TFDS dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}")
+        raise ValueError(
+            f"config.data: TFDS dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}"
+        )
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:
@@ -185,9 +186,16 @@ def _host_share(ds, process_index: int | None, process_count: int | None):
     return (ds[index::count] if count > 1 else ds), count
 
 
-def train_batches(source, batch_size: int, seed: int, start_step: int = 0, crop_padding: int = 0,
-                  flip: bool = False, process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict]:
+def train_batches(
+    source,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    crop_padding: int = 0,
+    flip: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
     """Yields this host's training batches ``{"image": uint8 [b, H, W, C], "label": int32 [b]}`` from ``start_step``.
 
     ``batch_size`` is the *global* batch; each of ``process_count`` hosts gets ``batch_size // process_count``
@@ -216,8 +224,9 @@ def train_batches(source, batch_size: int, seed: int, start_step: int = 0, crop_
         step += 1
 
 
-def eval_batches(source, batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+def eval_batches(
+    source, batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> Iterator[dict]:
     """Yields this host's evaluation batches in order, the last one zero-padded, with ``mask`` (1 = real example).
 
     >>> src = ArraySource(np.zeros((5, 2, 2, 1), np.uint8), np.arange(5))

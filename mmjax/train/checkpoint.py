@@ -47,9 +47,7 @@ class Checkpointer:
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, create=True, enable_async_checkpointing=False
-                ),
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
                 item_handlers=ocp.StandardCheckpointHandler(),  # lets a fresh process read metadata
             )
         except Exception as e:  # an unreadable checkpoint directory
@@ -108,11 +106,15 @@ class Checkpointer:
         want = _describe(target)
         have = _describe(saved)
         if want != have:
-            diffs = [f"{k}: checkpoint {have.get(k)} vs run {want.get(k)}" for k in sorted(set(want) | set(have))
-                     if want.get(k) != have.get(k)]
+            diffs = [
+                f"{k}: checkpoint {have.get(k)} vs run {want.get(k)}"
+                for k in sorted(set(want) | set(have))
+                if want.get(k) != have.get(k)
+            ]
             raise ValueError(
                 f"checkpoint {path} does not match this run's train state (different model or optimizer config?): "
-                + "; ".join(diffs[:8]) + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
+                + "; ".join(diffs[:8])
+                + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
                 + ". Use a fresh --workdir or the config the checkpoint was written with."
             )
 

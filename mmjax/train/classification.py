@@ -11,7 +11,6 @@ device: ``x = (image / 255 - mean) / std``.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,8 +105,9 @@ class ClassificationTask:
     # -- data ---------------------------------------------------------------------------------------------------
     def train_batches(self, start_step: int):
         """Host batches ``{"image": uint8 [b, H, W, C], "label": int32 [b]}`` from step ``start_step``."""
-        return train_batches(self.train_source, self.batch_size, self.seed, start_step,
-                             crop_padding=self.crop_padding, flip=self.flip)
+        return train_batches(
+            self.train_source, self.batch_size, self.seed, start_step, crop_padding=self.crop_padding, flip=self.flip
+        )
 
     def eval_batches(self):
         """Ordered evaluation batches, the last one padded, with ``mask``."""
@@ -130,8 +130,7 @@ class ClassificationTask:
     def loss(self, params, batch, rng, *, train: bool = True, axis_name=None):
         """Mean label-smoothed cross-entropy and accuracy over this (device-local or global) batch."""
         del axis_name  # per-example loss: the engine's pmean of gradients is all that is needed
-        logits = _logits(self.model.apply({"params": params}, self._images(batch), train=train,
-                                          rngs={"dropout": rng}))
+        logits = _logits(self.model.apply({"params": params}, self._images(batch), train=train, rngs={"dropout": rng}))
         logits = logits.astype(jnp.float32)
         labels = batch["label"]
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)

@@ -39,32 +39,45 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0  # initialisation, data order, augmentation and dropout all derive from it
     c.task = "classification"  # a name in mmjax.train.task.TASKS or "module:Class"
     c.model = ml_collections.ConfigDict({"name": "vit"})  # name ("vit" or "module:Class") + constructor kwargs
-    c.data = ml_collections.ConfigDict(dict(
-        name="fashion_mnist",  # "fashion_mnist" (IDX files) or any prepared TFDS image-classification dataset
-        data_dir="",  # directory with the IDX files / TFDS data_dir ("" = defaults)
-        train_split="train",
-        eval_split="test",
-        crop_padding=0,  # random crop after zero padding by this many pixels (0 = off)
-        flip=False,  # random horizontal flip
-        mean=0.5,  # images are (x / 255 - mean) / std on the device
-        std=0.5,
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="fashion_mnist",  # "fashion_mnist" (IDX files) or any prepared TFDS image-classification dataset
+            data_dir="",  # directory with the IDX files / TFDS data_dir ("" = defaults)
+            train_split="train",
+            eval_split="test",
+            crop_padding=0,  # random crop after zero padding by this many pixels (0 = off)
+            flip=False,  # random horizontal flip
+            mean=0.5,  # images are (x / 255 - mean) / std on the device
+            std=0.5,
+        )
+    )
     c.batch_size = 128  # global batch (all devices, all hosts)
     c.eval_batch_size = 500
     c.num_steps = 0  # total optimizer steps; 0 = derive from num_epochs
     c.num_epochs = 1.0
     c.label_smoothing = 0.0
-    c.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
-        warmup_steps=0, end_lr_ratio=0.0, grad_clip=1.0, grad_accum_steps=1,
-        decay_rules=DEFAULT_DECAY_RULES,
-    ))
-    c.parallel = ml_collections.ConfigDict(dict(
-        mode="single",  # "single" | "pmap" | "sharded"
-        num_devices=0,  # 0 = all available
-        fsdp=False,  # "sharded" only: shard large parameter/optimizer leaves over the devices
-        fsdp_min_size=2**14,
-    ))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            weight_decay=1e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            warmup_steps=0,
+            end_lr_ratio=0.0,
+            grad_clip=1.0,
+            grad_accum_steps=1,
+            decay_rules=DEFAULT_DECAY_RULES,
+        )
+    )
+    c.parallel = ml_collections.ConfigDict(
+        dict(
+            mode="single",  # "single" | "pmap" | "sharded"
+            num_devices=0,  # 0 = all available
+            fsdp=False,  # "sharded" only: shard large parameter/optimizer leaves over the devices
+            fsdp_min_size=2**14,
+        )
+    )
     c.log_every = 50  # steps between train-metric records
     c.eval_every = 0  # steps between evaluations (0 = only at the end)
     c.checkpoint_every = 500  # steps between checkpoints (0 = only at the end / on SIGTERM)
@@ -84,7 +97,7 @@ def merge(base: ml_collections.ConfigDict, override, prefix: str = "config") -> 
     0.1
     """
     out = ml_collections.ConfigDict(base.to_dict())
-    for key, value in (override.items() if hasattr(override, "items") else []):
+    for key, value in override.items() if hasattr(override, "items") else []:
         path = f"{prefix}.{key}"
         if key in out and isinstance(out[key], ml_collections.ConfigDict) and hasattr(value, "items"):
             if key in STRICT_SECTIONS and prefix == "config":
@@ -127,8 +140,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     """
     if c.parallel.mode not in MODES:
         raise ValueError(f"config.parallel.mode={c.parallel.mode!r} is not valid; valid choices: {list(MODES)}")
-    _check(_is_int(c.parallel.num_devices) and c.parallel.num_devices >= 0, "parallel.num_devices",
-           c.parallel.num_devices, "an int >= 0 (0 = all devices)")
+    _check(
+        _is_int(c.parallel.num_devices) and c.parallel.num_devices >= 0,
+        "parallel.num_devices",
+        c.parallel.num_devices,
+        "an int >= 0 (0 = all devices)",
+    )
     _check(isinstance(c.parallel.fsdp, bool), "parallel.fsdp", c.parallel.fsdp, "True or False")
     _check(_is_int(c.seed), "seed", c.seed, "an int")
     _check(isinstance(c.task, str) and bool(c.task), "task", c.task, "a task name or 'module:Class'")
@@ -138,8 +155,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(_is_num(c.num_epochs) and c.num_epochs >= 0, "num_epochs", c.num_epochs, "a number >= 0")
     if c.num_steps == 0 and c.num_epochs == 0:
         raise ValueError("config.num_steps=0 and config.num_epochs=0: set one of them > 0")
-    _check(_is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing,
-           "a number in [0, 1)")
+    _check(
+        _is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1,
+        "label_smoothing",
+        c.label_smoothing,
+        "a number in [0, 1)",
+    )
     o = c.optimizer
     _check(_is_num(o.lr) and o.lr >= 0, "optimizer.lr", o.lr, "a number >= 0")
     _check(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
@@ -147,17 +168,30 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(_is_num(o.b2) and 0 <= o.b2 < 1, "optimizer.b2", o.b2, "a number in [0, 1)")
     _check(_is_num(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "a number > 0")
     _check(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "an int >= 0")
-    _check(_is_num(o.end_lr_ratio) and 0 <= o.end_lr_ratio <= 1, "optimizer.end_lr_ratio", o.end_lr_ratio,
-           "a number in [0, 1]")
+    _check(
+        _is_num(o.end_lr_ratio) and 0 <= o.end_lr_ratio <= 1,
+        "optimizer.end_lr_ratio",
+        o.end_lr_ratio,
+        "a number in [0, 1]",
+    )
     _check(_is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "a number >= 0 (0 = off)")
-    _check(_is_int(o.grad_accum_steps) and o.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
-           o.grad_accum_steps, "an int >= 1")
+    _check(
+        _is_int(o.grad_accum_steps) and o.grad_accum_steps >= 1,
+        "optimizer.grad_accum_steps",
+        o.grad_accum_steps,
+        "an int >= 1",
+    )
     _check(_is_int(c.log_every) and c.log_every >= 1, "log_every", c.log_every, "an int >= 1")
     _check(_is_int(c.eval_every) and c.eval_every >= 0, "eval_every", c.eval_every, "an int >= 0 (0 = at the end)")
-    _check(_is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every,
-           "an int >= 0 (0 = at the end only)")
-    _check(_is_int(c.keep_checkpoints) and c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints,
-           "an int >= 1")
+    _check(
+        _is_int(c.checkpoint_every) and c.checkpoint_every >= 0,
+        "checkpoint_every",
+        c.checkpoint_every,
+        "an int >= 0 (0 = at the end only)",
+    )
+    _check(
+        _is_int(c.keep_checkpoints) and c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "an int >= 1"
+    )
 
 
 def prepare_config(config) -> ml_collections.ConfigDict:

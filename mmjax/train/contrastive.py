@@ -61,7 +61,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dm_pix as pix
 import jax
@@ -85,14 +86,33 @@ LOSSES = ("softmax", "sigmoid")
 DATASETS = ("fashion_mnist_captions", "folder", "tfds")
 COLOUR_SPACES = ("rgb", "hsv")
 
-_CONTRASTIVE_DEFAULTS = dict(loss="softmax", freeze_image_tower=False, micro_batches=1, sigmoid_chunk_size=0,
-                             final_report=True)
-_DATA_DEFAULTS = dict(name="fashion_mnist_captions", data_dir="", image_size=64, num_train=0, num_test=2000,
-                      num_heldout=2000, data_seed=0, tfds_name="", train_split="train", eval_split="test",
-                      image_key="image", caption_key="captions/text", captions_file="", eval_captions_file="",
-                      vocab_examples=20000, mean=0.5, std=0.5, groups_per_batch=0,
-                      group_by=("colour", "size", "position"), subgroup_by=(), subgroups_per_group=1,
-                      colour_space="rgb")
+_CONTRASTIVE_DEFAULTS = dict(
+    loss="softmax", freeze_image_tower=False, micro_batches=1, sigmoid_chunk_size=0, final_report=True
+)
+_DATA_DEFAULTS = dict(
+    name="fashion_mnist_captions",
+    data_dir="",
+    image_size=64,
+    num_train=0,
+    num_test=2000,
+    num_heldout=2000,
+    data_seed=0,
+    tfds_name="",
+    train_split="train",
+    eval_split="test",
+    image_key="image",
+    caption_key="captions/text",
+    captions_file="",
+    eval_captions_file="",
+    vocab_examples=20000,
+    mean=0.5,
+    std=0.5,
+    groups_per_batch=0,
+    group_by=("colour", "size", "position"),
+    subgroup_by=(),
+    subgroups_per_group=1,
+    colour_space="rgb",
+)
 _MODEL_KEYS = ("name", "preset", "dtype", "tokenizer", "bpe_path")
 
 
@@ -176,7 +196,8 @@ def frozen_labels(params: Any, pattern: str = FROZEN_IMAGE_TOWER) -> Any:
 
     regex = re.compile(pattern)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if regex.fullmatch(param_path(path)) else "trained", params)
+        lambda path, _: "frozen" if regex.fullmatch(param_path(path)) else "trained", params
+    )
 
 
 def freeze(tx: optax.GradientTransformation, params: Any, pattern: str = FROZEN_IMAGE_TOWER):
@@ -302,15 +323,24 @@ class ContrastiveTask:
             from mmjax.data.captions import make_captions
 
             self.train_source = image_text.fashion_mnist_captions(
-                "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None)
-            parts = [make_captions(s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None)
-                     for s, n in (("test", d.num_test), ("heldout", d.num_heldout))]
+                "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None
+            )
+            parts = [
+                make_captions(s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None)
+                for s, n in (("test", d.num_test), ("heldout", d.num_heldout))
+            ]
             self.group_sizes = [len(p.captions) for p in parts]
             cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
             group = np.repeat(np.arange(2, dtype=np.int32), self.group_sizes)
             self.eval_source = image_text.ArrayImageText(
-                cat("images"), parts[0].captions + parts[1].captions, item=cat("item"), colour=cat("colour"),
-                size=cat("size"), position=cat("position"), group=group)
+                cat("images"),
+                parts[0].captions + parts[1].captions,
+                item=cat("item"),
+                colour=cat("colour"),
+                size=cat("size"),
+                position=cat("position"),
+                group=group,
+            )
             self.vocab_texts = self.train_source.all_captions()
         elif d.name == "folder":
             if not d.data_dir:
@@ -333,7 +363,9 @@ class ContrastiveTask:
         m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
         name = m.get("name", "clip")
         if name not in ("clip", "vit"):  # "vit" is the engine's default model name
-            raise ValueError(f"config.model.name={name!r} is not valid for the contrastive task; valid choices: ['clip']")
+            raise ValueError(
+                f"config.model.name={name!r} is not valid for the contrastive task; valid choices: ['clip']"
+            )
         kind = m.get("tokenizer", "word")
         _check_choice("model.tokenizer", kind, ("word", "bpe"))
         fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _MODEL_KEYS}
@@ -369,8 +401,9 @@ class ContrastiveTask:
 
     def train_batches(self, start_step: int):
         """Host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` from ``start_step``."""
-        for batch in image_text.train_batches(self.train_source, self.batch_size, self.seed, start_step,
-                                              **self._batch_grouping):
+        for batch in image_text.train_batches(
+            self.train_source, self.batch_size, self.seed, start_step, **self._batch_grouping
+        ):
             yield {"image": batch["image"], "ids": self._host_batch(batch)["ids"]}
 
     def _grouping(self) -> dict:
@@ -382,16 +415,20 @@ class ContrastiveTask:
         if not g:
             return {}
         if d.name != "fashion_mnist_captions":
-            raise ValueError(f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
-                             f"it is not available for data.name={d.name!r} (set it to 0)")
+            raise ValueError(
+                f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
+                f"it is not available for data.name={d.name!r} (set it to 0)"
+            )
         from mmjax.data.captions import ATTRIBUTES
 
         def cells(keys, what):
             keys = tuple(keys)
             empty = what == "group_by" and not keys
             if empty or any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys):
-                raise ValueError(f"config.data.{what}={keys!r} must be distinct attribute names from "
-                                 f"{list(ATTRIBUTES)}, e.g. ('size', 'position')")
+                raise ValueError(
+                    f"config.data.{what}={keys!r} must be distinct attribute names from "
+                    f"{list(ATTRIBUTES)}, e.g. ('size', 'position')"
+                )
             cell = np.zeros(len(self.train_source), np.int64)
             for k in keys:
                 cell = cell * len(ATTRIBUTES[k]) + self.train_source.extras[k]
@@ -437,10 +474,17 @@ class ContrastiveTask:
                 for name in ("vision", "visual_projection"):
                     image_params[name] = jax.lax.stop_gradient(params[name])
             r_img, r_txt = jax.random.split(rng)
-            img = model.apply({"params": image_params}, self._images(inputs["image"]), normalize=True, train=train,
-                              method="encode_image", rngs={"dropout": r_img})
-            txt = model.apply({"params": params}, inputs["ids"], None, True, train, method="encode_text",
-                              rngs={"dropout": r_txt})
+            img = model.apply(
+                {"params": image_params},
+                self._images(inputs["image"]),
+                normalize=True,
+                train=train,
+                method="encode_image",
+                rngs={"dropout": r_img},
+            )
+            txt = model.apply(
+                {"params": params}, inputs["ids"], None, True, train, method="encode_text", rngs={"dropout": r_txt}
+            )
             return img, txt
 
         return embed
@@ -461,11 +505,19 @@ class ContrastiveTask:
         if self.opts.loss == "softmax":
             return softmax_contrastive_loss(img, txt, self.log_scale(params), axis_name=axis_name)
         if "logit_bias" not in params:
-            raise ValueError("config.contrastive.loss='sigmoid' needs a logit bias: set config.model.logit_bias_init "
-                             "(SigLIP uses -10, with logit_scale_init=log(10))")
+            raise ValueError(
+                "config.contrastive.loss='sigmoid' needs a logit bias: set config.model.logit_bias_init "
+                "(SigLIP uses -10, with logit_scale_init=log(10))"
+            )
         chunk = int(self.opts.sigmoid_chunk_size) or None
-        return sigmoid_contrastive_loss(img, txt, self.log_scale(params), params["logit_bias"].astype(jnp.float32),
-                                        axis_name=axis_name, chunk_size=chunk)
+        return sigmoid_contrastive_loss(
+            img,
+            txt,
+            self.log_scale(params),
+            params["logit_bias"].astype(jnp.float32),
+            axis_name=axis_name,
+            chunk_size=chunk,
+        )
 
     def loss(self, params, batch, rng, *, train: bool = True, axis_name=None):
         """The contrastive loss of the global batch (identical on every device) and metrics (``logit_scale``,
@@ -487,8 +539,11 @@ class ContrastiveTask:
             return {}
         from mmjax.data.captions import ATTRIBUTES, COLOUR_NAMES, ITEM_NAMES, ZERO_SHOT_TEMPLATES
 
-        classes = {"item": ITEM_NAMES, "colour": COLOUR_NAMES,
-                   "combo": [f"{c} {i}" for i in ITEM_NAMES for c in COLOUR_NAMES]}  # combo = item * 8 + colour
+        classes = {
+            "item": ITEM_NAMES,
+            "colour": COLOUR_NAMES,
+            "combo": [f"{c} {i}" for i in ITEM_NAMES for c in COLOUR_NAMES],
+        }  # combo = item * 8 + colour
         assert tuple(ATTRIBUTES["item"]) == tuple(ITEM_NAMES)
         out = {}
         for attr, names in classes.items():
@@ -519,10 +574,12 @@ class ContrastiveTask:
         i2t = scale * img @ all_txt.T + dead
         t2i = scale * txt @ all_img.T + dead
         ce = lambda z: jax.nn.logsumexp(z, axis=-1) - z[jnp.arange(z.shape[0]), own]  # noqa: E731
-        out = {"count": jnp.sum(mask),
-               "loss": jnp.sum(mask * 0.5 * (ce(i2t) + ce(t2i))),
-               "batch_i2t_top1": jnp.sum(mask * (jnp.argmax(i2t, -1) == own)),
-               "batch_t2i_top1": jnp.sum(mask * (jnp.argmax(t2i, -1) == own))}
+        out = {
+            "count": jnp.sum(mask),
+            "loss": jnp.sum(mask * 0.5 * (ce(i2t) + ce(t2i))),
+            "batch_i2t_top1": jnp.sum(mask * (jnp.argmax(i2t, -1) == own)),
+            "batch_t2i_top1": jnp.sum(mask * (jnp.argmax(t2i, -1) == own)),
+        }
         if self.has_attributes:
             # Accuracy within a group g of n_g examples: sum(w * correct) / count with w = N / n_g on its rows.
             total = float(sum(self.group_sizes))
@@ -576,11 +633,15 @@ class ContrastiveTask:
             tok = lambda texts: self.tokenizer(texts, context_length=self.context_length)  # noqa: E731
             labels = {"item": self.eval_source.extras["item"], "colour": self.eval_source.extras["colour"]}
             labels["combo"] = labels["item"] * len(COLOUR_NAMES) + labels["colour"]
-            names = {"item": ITEM_NAMES, "colour": COLOUR_NAMES,
-                     "combo": [f"{c} {i}" for i in ITEM_NAMES for c in COLOUR_NAMES]}
+            names = {
+                "item": ITEM_NAMES,
+                "colour": COLOUR_NAMES,
+                "combo": [f"{c} {i}" for i in ITEM_NAMES for c in COLOUR_NAMES],
+            }
             group = self.eval_source.extras["group"]
-            classifiers = {a: ev.zero_shot_classifier(encode_text, tok, names[a], ZERO_SHOT_TEMPLATES[a])
-                           for a in names}
+            classifiers = {
+                a: ev.zero_shot_classifier(encode_text, tok, names[a], ZERO_SHOT_TEMPLATES[a]) for a in names
+            }
             for g, prefix in ((0, ""), (1, "heldout_")):
                 rows = group == g
                 for a in names:
@@ -589,28 +650,45 @@ class ContrastiveTask:
             # linear probe: item from image embeddings, fitted on (up to) 5000 training images
             n_fit = min(5000, len(self.train_source))
             fit_idx = np.random.default_rng(0).permutation(len(self.train_source))[:n_fit]
-            fit_src = image_text.ArrayImageText(self.train_source.images[fit_idx],
-                                                [self.train_source.captions[i] for i in fit_idx])
+            fit_src = image_text.ArrayImageText(
+                self.train_source.images[fit_idx], [self.train_source.captions[i] for i in fit_idx]
+            )
             fit_img, _ = self.encode_source(params, fit_src)
-            probe = ev.linear_probe(fit_img, self.train_source.extras["item"][fit_idx], img[group == 0],
-                                    labels["item"][group == 0], num_classes=len(ITEM_NAMES))
+            probe = ev.linear_probe(
+                fit_img,
+                self.train_source.extras["item"][fit_idx],
+                img[group == 0],
+                labels["item"][group == 0],
+                num_classes=len(ITEM_NAMES),
+            )
             report["linear_probe_item_accuracy"] = probe["accuracy"]
             pred = np.argmax(img @ classifiers["item"].T, axis=1)
             cm = ev.confusion_matrix(labels["item"], pred, len(ITEM_NAMES))
             report["confusion_matrix_png"] = ev.plot_confusion_matrix(
-                cm, ITEM_NAMES, os.path.join(workdir, "confusion_item.png"),
-                title="zero-shot item (test + held-out)")
+                cm, ITEM_NAMES, os.path.join(workdir, "confusion_item.png"), title="zero-shot item (test + held-out)"
+            )
             queries = [f"a large {c} {i} in the center" for c, i in HELDOUT_COMBOS[:5]]
-            relevant = np.stack([(labels["item"] == ITEM_NAMES.index(i)) & (labels["colour"] == COLOUR_NAMES.index(c))
-                                 for c, i in HELDOUT_COMBOS[:5]])
+            relevant = np.stack(
+                [
+                    (labels["item"] == ITEM_NAMES.index(i)) & (labels["colour"] == COLOUR_NAMES.index(c))
+                    for c, i in HELDOUT_COMBOS[:5]
+                ]
+            )
             report["retrieval_grid_png"] = ev.plot_retrieval_grid(
-                queries, encode_text(tok(queries)), img, self.eval_source.images,
-                os.path.join(workdir, "retrieval_grid.png"), k=6, relevant=relevant)
+                queries,
+                encode_text(tok(queries)),
+                img,
+                self.eval_source.images,
+                os.path.join(workdir, "retrieval_grid.png"),
+                k=6,
+                relevant=relevant,
+            )
         else:
             queries = [self.eval_source[i]["captions"][0] for i in range(min(5, len(self.eval_source)))]
             images = np.stack([self.eval_source[i]["image"] for i in range(len(self.eval_source))])
             report["retrieval_grid_png"] = ev.plot_retrieval_grid(
-                queries, txt[:len(queries)], img, images, os.path.join(workdir, "retrieval_grid.png"), k=5)
+                queries, txt[: len(queries)], img, images, os.path.join(workdir, "retrieval_grid.png"), k=5
+            )
         report["corrupt_images_skipped"] = self.train_source.num_corrupt + self.eval_source.num_corrupt
         curves = os.path.join(workdir, "curves.png")
         if os.path.exists(curves) or self.config.get("plot", False):
@@ -618,6 +696,9 @@ class ContrastiveTask:
         report["checkpoint_dir"] = os.path.join(workdir, "checkpoints")
         with open(os.path.join(workdir, "report.json"), "w") as f:
             json.dump(report, f, indent=2, default=str)
-        print("contrastive report: " + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()), flush=True)
+        print(
+            "contrastive report: "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()),
+            flush=True,
+        )
         return report

@@ -30,7 +30,8 @@ True
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -47,8 +48,13 @@ _ENV = {
     "initialization_timeout": ("MMJAX_INITIALIZATION_TIMEOUT",),
     "shutdown_timeout_seconds": ("MMJAX_SHUTDOWN_TIMEOUT",),
 }
-_INTS = ("num_processes", "process_id", "initialization_timeout", "heartbeat_timeout_seconds",
-         "shutdown_timeout_seconds")
+_INTS = (
+    "num_processes",
+    "process_id",
+    "initialization_timeout",
+    "heartbeat_timeout_seconds",
+    "shutdown_timeout_seconds",
+)
 
 _initialized = False
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import from_json, prepare_config, to_json
@@ -34,8 +36,6 @@ from mmjax.train.optimizer import global_norm, make_optimizer
 from mmjax.train.parallel import MESH_AXIS, Plan, make_plan, split_micro_batches
 from mmjax.train.state import TrainState
 from mmjax.train.task import make_task
-
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -132,8 +132,9 @@ class _Preemption:
 
 def _setup(config, workdir: str):
     """Plan, task, optimizer and the initial (or restored) canonical state."""
-    plan = make_plan(config.parallel.mode, config.parallel.num_devices, config.parallel.fsdp,
-                     config.parallel.fsdp_min_size)
+    plan = make_plan(
+        config.parallel.mode, config.parallel.num_devices, config.parallel.fsdp, config.parallel.fsdp_min_size
+    )
     accum = config.optimizer.grad_accum_steps
     plan.check_batch_size(config.batch_size, accum)
     plan.check_batch_size(config.eval_batch_size, 1, "config.eval_batch_size")
@@ -217,8 +218,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     placed = plan.from_canonical(state)
     del state
     examples_per_step = config.batch_size
-    logger = MetricLogger(workdir, total_steps, start_step, examples_per_step, progress=config.progress,
-                          tensorboard=config.tensorboard, unit=getattr(task, "unit", "ex"))
+    logger = MetricLogger(
+        workdir,
+        total_steps,
+        start_step,
+        examples_per_step,
+        progress=config.progress,
+        tensorboard=config.tensorboard,
+        unit=getattr(task, "unit", "ex"),
+    )
     pending: list = []
     train_time, timed_steps, interval_start = 0.0, 0, 0
     last_train: dict[str, float] = {}
@@ -281,8 +289,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         rate = timed_steps * examples_per_step / train_time
     else:
         rate = float("nan")
-    result = {"step": step, "total_steps": total_steps, "preempted": preempted, "workdir": workdir,
-              "wall_time_s": watch.elapsed(), "examples_per_s": rate}
+    result = {
+        "step": step,
+        "total_steps": total_steps,
+        "preempted": preempted,
+        "workdir": workdir,
+        "wall_time_s": watch.elapsed(),
+        "examples_per_s": rate,
+    }
     result.update({f"train_{k}": v for k, v in last_train.items()})
     result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     return result

@@ -49,8 +49,16 @@ class MetricLogger:
     {"step": 1, "split": "train", "loss": 0.5, "accuracy": 1.0}
     """
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, examples_per_step: int = 1,
-                 progress: bool = True, tensorboard: bool = True, unit: str = "img"):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        start_step: int = 0,
+        examples_per_step: int = 1,
+        progress: bool = True,
+        tensorboard: bool = True,
+        unit: str = "img",
+    ):
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._file = open(self.path, "a")
@@ -63,8 +71,12 @@ class MetricLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
-                total=total_steps * examples_per_step, initial=start_step * examples_per_step,
-                unit=unit, unit_scale=True, dynamic_ncols=True, smoothing=0.1,
+                total=total_steps * examples_per_step,
+                initial=start_step * examples_per_step,
+                unit=unit,
+                unit_scale=True,
+                dynamic_ncols=True,
+                smoothing=0.1,
             )
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -176,13 +188,14 @@ def plot_curves(jsonl_path: str, png_path: str) -> str:
     for ax, name in zip(axes.flat, names):
         for split, points in sorted(series.get(name, {}).items()):
             steps = sorted(points)
-            ax.plot(steps, [points[s] for s in steps], marker="o" if split == "eval" else None,
-                    markersize=3, label=split)
+            ax.plot(
+                steps, [points[s] for s in steps], marker="o" if split == "eval" else None, markersize=3, label=split
+            )
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from mmjax import gnn
-from mmjax.graph import Graph, validate
+from mmjax.graph import validate
 from mmjax.train.task import instantiate_model, resolve_named
 
 #: Model names -> "module:Class".
@@ -65,23 +65,28 @@ def load_dataset(data_config) -> dict:
     d = dict(resolve_named(get("name", None), DATASETS, "config.data.name", kind="name")())
     missing = {"graph", "labels", "train_mask", "test_mask"} - set(d)
     if missing:
-        raise ValueError(f"config.data.name={get('name')!r}: the dataset lacks {sorted(missing)}; a node-"
-                         "classification dataset is a dict with graph, labels, train_mask, test_mask")
+        raise ValueError(
+            f"config.data.name={get('name')!r}: the dataset lacks {sorted(missing)}; a node-"
+            "classification dataset is a dict with graph, labels, train_mask, test_mask"
+        )
     graph = d["graph"]
     validate(graph, node_rank=2)
     n = graph.nodes.shape[0]
     labels = np.asarray(d["labels"])
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError(f"dataset labels must be non-negative ints of shape [N={n}], got shape {labels.shape}, "
-                         f"dtype {labels.dtype}")
+        raise ValueError(
+            f"dataset labels must be non-negative ints of shape [N={n}], got shape {labels.shape}, dtype {labels.dtype}"
+        )
     train_nodes = get("train_nodes", None)
     if train_nodes:
         d["train_mask"], d["test_mask"] = node_masks(n, train_nodes)
     for key in ("train_mask", "test_mask"):
         m = np.asarray(d[key])
         if m.shape != (n,) or m.dtype != bool or not m.any():
-            raise ValueError(f"dataset {key} must be a bool [N={n}] mask with at least one True, got shape "
-                             f"{m.shape}, dtype {m.dtype}, {int(m.sum()) if m.dtype == bool else '?'} True")
+            raise ValueError(
+                f"dataset {key} must be a bool [N={n}] mask with at least one True, got shape "
+                f"{m.shape}, dtype {m.dtype}, {int(m.sum()) if m.dtype == bool else '?'} True"
+            )
         d[key] = m
     k = int(labels.max()) + 1
     d["class_names"] = tuple(d.get("class_names") or (str(c) for c in range(k)))
@@ -138,14 +143,18 @@ class NodeClassificationTask:
     def __init__(self, config):
         mode = config.parallel.mode
         if mode != "single":
-            raise ValueError(f"config.parallel.mode={mode!r} is not supported by the node_classification task: it "
-                             "trains on one whole graph per step, which has no example axis to split over devices; "
-                             "use config.parallel.mode='single'")
+            raise ValueError(
+                f"config.parallel.mode={mode!r} is not supported by the node_classification task: it "
+                "trains on one whole graph per step, which has no example axis to split over devices; "
+                "use config.parallel.mode='single'"
+            )
         for key in ("batch_size", "eval_batch_size"):
             if config[key] != 1:
-                raise ValueError(f"config.{key}={config[key]!r} is not valid for node_classification: each step is "
-                                 f"one full-graph step; set config.{key}=1 (and count steps with num_steps or "
-                                 "num_epochs)")
+                raise ValueError(
+                    f"config.{key}={config[key]!r} is not valid for node_classification: each step is "
+                    f"one full-graph step; set config.{key}=1 (and count steps with num_steps or "
+                    "num_epochs)"
+                )
         data = load_dataset(config.data)
         self.graph, self.labels = data["graph"], data["labels"]
         self.train_mask, self.test_mask = data["train_mask"], data["test_mask"]
@@ -159,8 +168,12 @@ class NodeClassificationTask:
     # -- data ---------------------------------------------------------------------------------------------------
     def _full_batch(self) -> dict:
         if self._batch is None:
-            batch = {"graph": self.graph, "labels": self.labels,
-                     "train_mask": self.train_mask.astype(np.float32), "test_mask": self.test_mask.astype(np.float32)}
+            batch = {
+                "graph": self.graph,
+                "labels": self.labels,
+                "train_mask": self.train_mask.astype(np.float32),
+                "test_mask": self.test_mask.astype(np.float32),
+            }
             if _takes(self.model.__call__, "adjacency"):  # normalise once: the graph is static
                 batch["adjacency"] = jax.tree.map(np.asarray, gnn.gcn_adjacency(self.graph))
             self._batch = batch
@@ -225,9 +238,11 @@ class NodeClassificationTask:
         projected to 2-D by PCA when it is wider) coloured by class, training nodes ringed."""
         out = np.asarray(jax.jit(lambda p, b: self._logits(p, b, train=False))(params, self._full_batch()))
         correct = out.argmax(-1) == self.labels
-        report = {"accuracy_train_nodes": float(correct[self.train_mask].mean()),
-                  "accuracy_test_nodes": float(correct[self.test_mask].mean()),
-                  "accuracy_all_nodes": float(correct.mean())}
+        report = {
+            "accuracy_train_nodes": float(correct[self.train_mask].mean()),
+            "accuracy_test_nodes": float(correct[self.test_mask].mean()),
+            "accuracy_all_nodes": float(correct.mean()),
+        }
         if self.plot:
             path = os.path.join(workdir, "embedding.png")
             plot_node_embedding(out, self.labels, self.train_mask, path, self.class_names)
@@ -269,19 +284,28 @@ def plot_node_embedding(embedding, labels, train_mask, path: str, class_names=No
     xy = project_2d(embedding)
     labels, train_mask = np.asarray(labels), np.asarray(train_mask, bool)
     if labels.shape != (xy.shape[0],) or train_mask.shape != (xy.shape[0],):
-        raise ValueError(f"labels and train_mask must be [N={xy.shape[0]}], got {labels.shape} and "
-                         f"{train_mask.shape}")
+        raise ValueError(f"labels and train_mask must be [N={xy.shape[0]}], got {labels.shape} and {train_mask.shape}")
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c in np.unique(labels):
         sel = labels == c
         name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
         ax.scatter(xy[sel, 0], xy[sel, 1], s=70, label=name)
-    ax.scatter(xy[train_mask, 0], xy[train_mask, 1], s=160, facecolors="none", edgecolors="black",
-               linewidths=1.5, label="labelled (train)")
+    ax.scatter(
+        xy[train_mask, 0],
+        xy[train_mask, 1],
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.5,
+        label="labelled (train)",
+    )
     for i, (a, b) in enumerate(xy):
         ax.annotate(str(i), (a, b), fontsize=6, ha="center", va="center")
-    ax.set_title(title or f"node outputs ({'PCA of ' if np.shape(embedding)[1] > 2 else ''}"
-                          f"{np.shape(embedding)[1]}-D), {int(train_mask.sum())} labelled nodes")
+    ax.set_title(
+        title
+        or f"node outputs ({'PCA of ' if np.shape(embedding)[1] > 2 else ''}"
+        f"{np.shape(embedding)[1]}-D), {int(train_mask.sum())} labelled nodes"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

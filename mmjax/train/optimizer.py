@@ -25,7 +25,8 @@ is float32's).
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,7 @@ def add_scaled_weight_decay(weight_decay: float, multipliers: Any) -> optax.Grad
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("add_scaled_weight_decay needs params: call tx.update(grads, state, params)")
-        new = jax.tree.map(
-            lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, multipliers
-        )
+        new = jax.tree.map(lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, multipliers)
         return new, state
 
     return optax.GradientTransformation(init, update)

@@ -20,12 +20,14 @@ convert.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MODES = ("single", "pmap", "sharded")
 PMAP_AXIS = "batch"
@@ -153,6 +155,7 @@ class Plan:
         if self.mode == "single":
             return jax.device_put(batch, self.devices[0])
         if self.mode == "pmap":
+
             def reshape(x):
                 x = np.asarray(x)
                 if x.shape[0] % self.num_devices:
@@ -161,6 +164,7 @@ class Plan:
                         "its leading size must be a multiple of the device count"
                     )
                 return x.reshape((self.num_devices, x.shape[0] // self.num_devices) + x.shape[1:])
+
             return self._put_pmap(jax.tree.map(reshape, batch))
         sharding = NamedSharding(self.mesh, P(MESH_AXIS))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

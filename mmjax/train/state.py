@@ -38,7 +38,7 @@ class TrainState:
     opt_state: Any
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
         """Returns the state at step 0 for ``params`` under optimizer ``tx``.
 
         >>> s = TrainState.create({"b": jnp.ones(2)}, optax.adam(1e-3))

@@ -89,7 +89,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 #: Built-in tasks, name -> "module:attribute" (imported lazily). Adding a task is one line here, or pass a path.
 TASKS: dict[str, str] = {

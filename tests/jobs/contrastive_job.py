@@ -19,16 +19,28 @@ import time
 def tiny_config(**overrides) -> dict:
     """A seconds-long contrastive job: the "tiny" CLIP on 16x16 Fashion-MNIST captions; ``overrides`` use dotted keys."""
     config = {
-        "task": "tests.jobs.contrastive_job:TestContrastiveTask", "seed": 0,
+        "task": "tests.jobs.contrastive_job:TestContrastiveTask",
+        "seed": 0,
         "model": {"name": "clip", "preset": "tiny", "context_length": 16, "vision_depth": 1, "text_depth": 1},
-        "data": {"name": "fashion_mnist_captions", "image_size": 16, "num_train": 96, "num_test": 16,
-                 "num_heldout": 16},
-        "batch_size": 16, "eval_batch_size": 16, "num_steps": 3,
+        "data": {
+            "name": "fashion_mnist_captions",
+            "image_size": 16,
+            "num_train": 96,
+            "num_test": 16,
+            "num_heldout": 16,
+        },
+        "batch_size": 16,
+        "eval_batch_size": 16,
+        "num_steps": 3,
         # Adam eps 1e-6: the attention key bias has an identically zero gradient (softmax is shift invariant); with a
         # tiny eps Adam would turn its float round-off into full +-lr steps that differ between parallel layouts.
         "optimizer": {"lr": 3e-3, "warmup_steps": 0, "grad_clip": 1.0, "eps": 1e-6},
         "contrastive": {"final_report": False},
-        "log_every": 1, "checkpoint_every": 1, "progress": False, "tensorboard": False, "plot": False,
+        "log_every": 1,
+        "checkpoint_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
     }
     for key, value in overrides.items():
         node = config
@@ -48,10 +60,11 @@ def _main(argv):
 
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from mmjax.train import Checkpointer, TrainState, make_optimizer, make_task, prepare_config, train_and_evaluate
     from mmjax.train.optimizer import param_path
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     result = train_and_evaluate(config, workdir)
     print(json.dumps(result, default=str), flush=True)
@@ -60,11 +73,13 @@ def _main(argv):
     cfg = prepare_config(config)
     task = make_task(cfg)
     first = next(iter(task.train_batches(0)))
-    abstract = jax.eval_shape(lambda: (lambda p: TrainState.create(p, make_optimizer(cfg.optimizer, p, 1)[0]))(
-        task.init_params(jax.random.key(0), first)))
+    abstract = jax.eval_shape(
+        lambda: (lambda p: TrainState.create(p, make_optimizer(cfg.optimizer, p, 1)[0]))(
+            task.init_params(jax.random.key(0), first)
+        )
+    )
     mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
-                          abstract)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), abstract)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     state = ckpt.restore(target)
     ckpt.close()
@@ -94,13 +109,19 @@ def _task_class():
             if hosts:
                 import numpy as np
 
-                streams = [image_text.train_batches(self.train_source, self.batch_size, self.seed, start_step,
-                                                    process_index=i, process_count=hosts) for i in range(hosts)]
+                streams = [
+                    image_text.train_batches(
+                        self.train_source, self.batch_size, self.seed, start_step, process_index=i, process_count=hosts
+                    )
+                    for i in range(hosts)
+                ]
                 while True:
                     parts = [next(s) for s in streams]
                     captions = [c for p in parts for c in p["caption"]]
-                    yield {"image": np.concatenate([p["image"] for p in parts]),
-                           "ids": self.tokenizer(captions, context_length=self.context_length)}
+                    yield {
+                        "image": np.concatenate([p["image"] for p in parts]),
+                        "ids": self.tokenizer(captions, context_length=self.context_length),
+                    }
             else:
                 for batch in super().train_batches(start_step):
                     if delay:

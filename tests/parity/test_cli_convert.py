@@ -40,8 +40,16 @@ def test_convert_from_hf_and_back_is_exact(tmp_path):
 
 
 def test_convert_rejects_other_model_types_and_missing_dirs(tmp_path, capsys):
-    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=32, image_size=16, patch_size=8))
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=8,
+        )
+    )
     vit.save_pretrained(tmp_path / "vit", safe_serialization=True)
     assert main(["convert", "--from-hf", str(tmp_path / "vit"), "--out", str(tmp_path / "o")]) == 2
     assert "model_type 'vit'" in capsys.readouterr().err

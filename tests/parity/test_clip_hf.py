@@ -36,28 +36,71 @@ BF16_LOGIT_ATOL = 0.2  # on logits of magnitude <= exp(2.6592) = 14.3 (measured 
 HF_CONFIGS = {
     # eot pooling at eos_token_id (current HF configs); quick_gelu
     "a": dict(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=98, bos_token_id=97),
-        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            eos_token_id=98,
+            bos_token_id=97,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=20,
     ),
     # legacy eos_token_id == 2 (argmax pooling, as openai/clip-vit-base-patch32's config); exact gelu; 4x4 patches of 7
     "b": dict(
-        text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=10, eos_token_id=2, bos_token_id=1,
-                         hidden_act="gelu"),
-        vision_config=dict(hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=28, patch_size=7, hidden_act="gelu"),
+        text_config=dict(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=10,
+            eos_token_id=2,
+            bos_token_id=1,
+            hidden_act="gelu",
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+            hidden_act="gelu",
+        ),
         projection_dim=8,
     ),
     # one patch per image, three text layers, different LayerNorm eps
     "c": dict(
-        text_config=dict(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, max_position_embeddings=8, eos_token_id=39, bos_token_id=38,
-                         layer_norm_eps=1e-6),
-        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
-                           image_size=16, patch_size=16),
+        text_config=dict(
+            vocab_size=40,
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            eos_token_id=39,
+            bos_token_id=38,
+            layer_norm_eps=1e-6,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            image_size=16,
+            patch_size=16,
+        ),
         projection_dim=12,
     ),
 }
@@ -117,10 +160,12 @@ def our_forward(model, params, images, ids, mask=None):
         f_txt = model.apply({"params": p}, ids, mask, method="encode_text")
         return out, f_img, f_txt
 
-    out, f_img, f_txt = run(params, jnp.asarray(images), jnp.asarray(ids, jnp.int32),
-                            None if mask is None else jnp.asarray(mask))
-    res = {k: np.asarray(getattr(out, k)) for k in ("image_embeds", "text_embeds", "logits_per_image",
-                                                     "logits_per_text")}
+    out, f_img, f_txt = run(
+        params, jnp.asarray(images), jnp.asarray(ids, jnp.int32), None if mask is None else jnp.asarray(mask)
+    )
+    res = {
+        k: np.asarray(getattr(out, k)) for k in ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text")
+    }
     res.update(image_features=np.asarray(f_img), text_features=np.asarray(f_txt))
     return res
 

@@ -24,8 +24,9 @@ def _random_graph(seed, n=14, e=48, f_in=6):
     s[4], r[4] = 5, 5  # node 5 has two self loops (the last one's weight counts)
     x = rng.standard_normal((n, f_in)).astype(np.float32)
     w = rng.uniform(0.2, 2.0, e).astype(np.float32)
-    g = Graph(nodes=x, senders=s.astype(np.int32), receivers=r.astype(np.int32), n_node=np.array([n]),
-              n_edge=np.array([e]))
+    g = Graph(
+        nodes=x, senders=s.astype(np.int32), receivers=r.astype(np.int32), n_node=np.array([n]), n_edge=np.array([e])
+    )
     return g, w
 
 
@@ -109,8 +110,9 @@ def test_gcn_improved_without_weights_equals_pyg_with_unit_weights():
     assert np.abs(out_pyg_none - out_ref).max() > 1e-3
 
 
-@pytest.mark.parametrize("heads,concat,add_loops", [(1, True, True), (3, True, True), (3, False, True),
-                                                    (2, True, False)])
+@pytest.mark.parametrize(
+    "heads,concat,add_loops", [(1, True, True), (3, True, True), (3, False, True), (2, True, False)]
+)
 def test_gat_matches_pyg(heads, concat, add_loops):
     g, _ = _random_graph(3)
     c = 4
@@ -124,10 +126,12 @@ def test_gat_matches_pyg(heads, concat, add_loops):
     out_ref, dx_ref = _torch_run(ref, g.nodes, ei, (), cot)
 
     layer = gnn.GATConv(features=c, heads=heads, concat=concat, add_self_loops=add_loops)
-    params = {"kernel": jnp.asarray(ref.lin.weight.detach().numpy().T),
-              "att_src": jnp.asarray(ref.att_src.detach().numpy()[0]),
-              "att_dst": jnp.asarray(ref.att_dst.detach().numpy()[0]),
-              "bias": jnp.asarray(ref.bias.detach().numpy())}
+    params = {
+        "kernel": jnp.asarray(ref.lin.weight.detach().numpy().T),
+        "att_src": jnp.asarray(ref.att_src.detach().numpy()[0]),
+        "att_dst": jnp.asarray(ref.att_dst.detach().numpy()[0]),
+        "bias": jnp.asarray(ref.bias.detach().numpy()),
+    }
     fn = jax.jit(lambda p, x: layer.apply({"params": p}, g._replace(nodes=x)))
     out, dx, dp = _jax_run(fn, params, g.nodes, cot)
     np.testing.assert_allclose(out, out_ref, **TOL)

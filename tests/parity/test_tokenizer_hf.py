@@ -11,9 +11,16 @@ from mmjax.tokenizer import CLIPTokenizer, bytes_to_unicode, clean_text
 pytestmark = pytest.mark.parity
 
 CORPUS = [
-    "a photo of a cat", "a photo of a dog", "the cat sat on the mat", "photography of the city at night",
-    "two dogs playing in the snow", "don't stop believing, it's 1984!", "naïve café crème brûlée",
-    "東京の夜景 and Straße", "emoji 😀😀 party 🎉", "hello, world... hello!!! world??",
+    "a photo of a cat",
+    "a photo of a dog",
+    "the cat sat on the mat",
+    "photography of the city at night",
+    "two dogs playing in the snow",
+    "don't stop believing, it's 1984!",
+    "naïve café crème brûlée",
+    "東京の夜景 and Straße",
+    "emoji 😀😀 party 🎉",
+    "hello, world... hello!!! world??",
 ]
 
 TEXTS = [
@@ -78,9 +85,7 @@ def tokenizers(tmp_path_factory):
     ours = CLIPTokenizer(CLIPTokenizer.vocab_from_merges(merges), merges, unescape_html=False)
     directory = tmp_path_factory.mktemp("clip_tokenizer")
     ours.save_pretrained(directory)
-    reference = transformers.CLIPTokenizer(
-        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt")
-    )
+    reference = transformers.CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
     from_dir = transformers.CLIPTokenizer.from_pretrained(directory)
     return CLIPTokenizer.from_pretrained(directory, unescape_html=False), reference, from_dir
 

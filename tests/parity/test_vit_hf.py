@@ -16,13 +16,44 @@ from mmjax.layers import unstack_layers
 pytestmark = pytest.mark.parity
 
 CONFIGS = [
-    dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, image_size=16,
-         patch_size=4, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True, num_channels=3),
-    dict(hidden_size=24, num_attention_heads=2, num_hidden_layers=1, intermediate_size=40, image_size=12,
-         patch_size=6, hidden_act="gelu_new", layer_norm_eps=1e-6, qkv_bias=False, num_channels=1),
-    dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=3, intermediate_size=96, image_size=20,
-         patch_size=5, hidden_act="gelu", layer_norm_eps=1e-5, qkv_bias=True, num_channels=3,
-         pooler_output_size=20, pooler_act="tanh"),
+    dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        qkv_bias=True,
+        num_channels=3,
+    ),
+    dict(
+        hidden_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        intermediate_size=40,
+        image_size=12,
+        patch_size=6,
+        hidden_act="gelu_new",
+        layer_norm_eps=1e-6,
+        qkv_bias=False,
+        num_channels=1,
+    ),
+    dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_hidden_layers=3,
+        intermediate_size=96,
+        image_size=20,
+        patch_size=5,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        qkv_bias=True,
+        num_channels=3,
+        pooler_output_size=20,
+        pooler_act="tanh",
+    ),
 ]
 
 
@@ -94,8 +125,10 @@ def test_from_saved_directory_and_state_dict_forms(tmp_path):
     assert model3.scan
     np.testing.assert_allclose(_run(model3, params3, x)[0], logits, atol=1e-5, rtol=1e-5)
     unstacked = dict(params3, encoder=unstack_layers(params3["encoder"]))
-    np.testing.assert_array_equal(unstacked["encoder"]["encoderblock_1"]["mlp"]["fc1"]["kernel"],
-                                  params["encoder"]["encoderblock_1"]["mlp"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(
+        unstacked["encoder"]["encoderblock_1"]["mlp"]["fc1"]["kernel"],
+        params["encoder"]["encoderblock_1"]["mlp"]["fc1"]["kernel"],
+    )
 
 
 def test_bad_keys_are_named():
@@ -115,8 +148,11 @@ def test_bad_keys_are_named():
     # legacy names are reported as the checkpoint wrote them
     legacy = {"vit.encoder.layer.0.intermediate.dense.weight": np.zeros((64, 30), np.float32)}
     legacy.update({"vit." + k: v for k, v in sd.items() if k != "layers.0.mlp.fc1.weight"})
-    with pytest.raises(ValueError, match=r"vit.encoder.layer.0.intermediate.dense.weight \(= layers.0.mlp.fc1"
-                                         r".weight\): got \(64, 30\), expected \(64, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"vit.encoder.layer.0.intermediate.dense.weight \(= layers.0.mlp.fc1"
+        r".weight\): got \(64, 30\), expected \(64, 32\)",
+    ):
         from_hf(legacy, config=conf)
 
 
