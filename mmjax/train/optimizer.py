@@ -96,10 +96,18 @@ def decay_multipliers(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
 def add_scaled_weight_decay(weight_decay: float, multipliers: Any) -> optax.GradientTransformation:
     """``updates + weight_decay * mult * params`` leaf by leaf (``mult`` a pytree of floats like ``params``).
 
+    Inside ``optax.multi_transform`` (e.g. a frozen tower, :func:`mmjax.train.contrastive.freeze`) this
+    transformation sees only its own parameters: the others arrive as ``optax.MaskedNode`` and pass through
+    unchanged, while ``multipliers`` still covers the whole tree.
+
     >>> import jax.numpy as jnp
     >>> tx = add_scaled_weight_decay(0.5, {"w": 1.0, "b": 0.0})
     >>> p = {"w": jnp.ones(2), "b": jnp.ones(2)}
     >>> u, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, tx.init(p), p)
+    >>> [float(u["w"][0]), float(u["b"][0])]
+    [0.5, 0.0]
+    >>> frozen_b = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, {"w": "train", "b": "frozen"})
+    >>> u, _ = frozen_b.update({"w": jnp.zeros(2), "b": jnp.ones(2)}, frozen_b.init(p), p)
     >>> [float(u["w"][0]), float(u["b"][0])]
     [0.5, 0.0]
     """
@@ -111,8 +119,14 @@ def add_scaled_weight_decay(weight_decay: float, multipliers: Any) -> optax.Grad
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("add_scaled_weight_decay needs params: call tx.update(grads, state, params)")
-        new = jax.tree.map(lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, multipliers)
-        return new, state
+
+        def decay(m, u, p):
+            if isinstance(u, optax.MaskedNode) or not m:  # masked out by multi_transform, or no decay
+                return u
+            return u + (weight_decay * m) * p
+
+        # Mapped over the multipliers: a masked subtree of updates/params is a MaskedNode where they have a float.
+        return jax.tree.map(decay, multipliers, updates, params), state
 
     return optax.GradientTransformation(init, update)
 
