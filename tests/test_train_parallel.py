@@ -125,3 +125,22 @@ def test_seed_determines_init_data_order_and_dropout(data_dir):
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     assert losses_a != losses_c
     assert not np.allclose(a.params["Dense_0"]["kernel"], c.params["Dense_0"]["kernel"])
+
+
+def test_num_devices_over_several_processes_takes_the_same_share_of_every_process():
+    from mmjax.errors import ConfigError
+    from mmjax.train.parallel import select_devices
+
+    hosts = [[f"p0d{i}" for i in range(4)], [f"p1d{i}" for i in range(4)]]
+    assert select_devices(hosts, 0) == hosts[0] + hosts[1]
+    assert select_devices(hosts, 6) == hosts[0][:3] + hosts[1][:3]  # every process keeps devices of its own
+    for bad in (5, 3, 10):  # jax.devices()[:n] would leave process 1 with fewer (or no) devices
+        with pytest.raises(ConfigError, match=rf"num_devices={bad} cannot be split over 2 processes with 4 devices"):
+            select_devices(hosts, bad)
+    with pytest.raises(ConfigError, match=r"use 0 \(all 8\) or one of \[2, 4, 6, 8\]"):
+        select_devices(hosts, 1)
+    with pytest.raises(ConfigError, match=r"different numbers of devices \(\[4, 2\]\).*one of \[2, 4\]"):
+        select_devices([hosts[0], hosts[1][:2]], 0)
+    assert select_devices([hosts[0]], 3) == hosts[0][:3]  # one process: the first n, as before
+    plan = make_plan("pmap", num_devices=4)
+    assert plan.local_devices == plan.devices == jax.local_devices()[:4]

@@ -18,6 +18,11 @@ Settings, first found wins, per field:
    detect the cluster (TPU pods, Slurm, Open MPI).
 
 ``initialize`` must run before JAX touches a device (before ``jax.devices()``), e.g. first thing in a launcher.
+After it, every process prefixes its warnings on stderr with ``[process i/n]`` (only process 0 writes the run's files,
+see :class:`mmjax.train.metrics.MetricLogger`; each process still reports its own warnings).
+
+Stopping together: a SIGTERM reaches one process, but all must stop after the same step (or their collectives and
+checkpoint saves no longer match). :class:`StopAgreement` all-reduces every process's stop flag once per step.
 
 >>> distributed_settings({}, environ={}) is None
 True
@@ -30,12 +35,17 @@ True
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["distributed_settings", "initialize", "DEFAULTS"]
+__all__ = ["distributed_settings", "initialize", "StopAgreement", "DEFAULTS"]
 
 #: Fault-tolerance defaults (seconds): JAX's own values.
 DEFAULTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 100, "shutdown_timeout_seconds": 300}
@@ -148,4 +158,50 @@ def initialize(config=None, environ: Mapping[str, str] | None = None) -> bool:
         pass
     jax.distributed.initialize(**settings)
     _initialized = True
+    _prefix_warnings(f"[process {settings['process_id']}/{settings['num_processes']}] ")
     return True
+
+
+def _prefix_warnings(prefix: str) -> None:
+    """Makes ``warnings`` print ``prefix`` before each message, so the merged logs of all processes stay readable."""
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        return prefix + original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
+class StopAgreement:
+    """Agrees across processes on when to stop: every process casts its stop flag once per step, the flags are
+    all-reduced (max) by a tiny jitted computation over one device of every process, and every process reads the
+    same result, so all stop after the same step.
+
+    The reduction of the flags cast at step ``t`` runs asynchronously and is read at step ``t + 1``: a stop asked
+    for during step ``t`` ends the run after step ``t + 1`` on every process, without waiting on the devices. With
+    one process there is nothing to agree on and :meth:`vote` returns the flag itself (stop after this step).
+
+    >>> agreement = StopAgreement()
+    >>> agreement.vote(False), agreement.vote(True)
+    (False, True)
+    """
+
+    def __init__(self):
+        self.process_count = jax.process_count()
+        self._pending = None
+        if self.process_count > 1:
+            devices = [jax.local_devices(process_index=i)[0] for i in range(self.process_count)]
+            mesh = Mesh(np.array(devices), ("processes",))
+            self._flags_sharding = NamedSharding(mesh, P("processes"))
+            self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+    def vote(self, stop: bool) -> bool:
+        """Casts this process's ``stop`` flag for the current step; returns whether every process stops now.
+
+        Every process must call it exactly once per step, at the same point of the step (it is a collective).
+        """
+        if self.process_count == 1:
+            return bool(stop)
+        flags = jax.make_array_from_process_local_data(self._flags_sharding, np.array([int(bool(stop))], np.int32))
+        previous, self._pending = self._pending, self._any(flags)
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))

@@ -6,7 +6,9 @@
 4. restore the latest checkpoint of ``workdir/checkpoints`` if there is one (an unreadable or mismatching one is an
    error) - the data order, dropout keys and schedule all derive from the step, so the run continues exactly;
 5. run the steps: log train metrics every ``log_every``, evaluate every ``eval_every``, checkpoint every
-   ``checkpoint_every`` and at the end; SIGTERM finishes the current step, saves and returns;
+   ``checkpoint_every`` and at the end; SIGTERM finishes the current step, saves and returns (with several
+   processes, a SIGTERM to any of them stops all of them after the same step: the next one, see
+   :class:`mmjax.train.distributed.StopAgreement`);
 6. evaluate, save the curve plot and return the final metrics.
 
 Outputs in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``,
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -31,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import from_json, prepare_config, to_json
+from mmjax.train.distributed import StopAgreement
 from mmjax.train.metrics import MetricLogger, Stopwatch
 from mmjax.train.optimizer import global_norm, make_optimizer
 from mmjax.train.parallel import MESH_AXIS, Plan, make_plan, split_micro_batches
@@ -242,11 +246,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     try:
         with _Preemption() as preemption:
+            agreement = StopAgreement()  # a SIGTERM reaches one process; all must stop after the same step
+            noticed = False
             batches = iter(task.train_batches(start_step))
             lap = time.perf_counter()
             while step < total_steps:
                 batch = next(batches)
                 placed, metrics = step_fn(placed, plan.place_batch(batch))
+                if preemption.requested and not noticed:
+                    noticed = True
+                    print(
+                        f"mmjax: process {jax.process_index()}/{jax.process_count()} received SIGTERM during step "
+                        f"{step + 1}; saving a checkpoint and stopping (every process stops after the same step)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                stop = agreement.vote(preemption.requested)  # once per step on every process: it is a collective
                 if pending:  # keep at most one step in flight: honest progress/ETA, prompt SIGTERM handling
                     jax.block_until_ready(pending[-1])
                 pending.append(metrics)
@@ -273,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
                     logger.write(step, "eval", eval_metrics)
                     lap += time.perf_counter() - t0  # evaluation time does not count as training time
-                if preemption.requested:
+                if stop:
                     preempted = step < total_steps
                     break
         ckpt.save(step, plan.to_canonical(placed))
@@ -281,7 +296,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
             logger.write(step, "eval", eval_metrics)
             if hasattr(task, "final_report"):  # optional hook: full-set evaluation and plots after training
-                eval_metrics.update(task.final_report(plan.to_canonical(placed).params, workdir))
+                params = plan.to_canonical(placed).params
+                if jax.process_count() > 1:  # every process takes part in the gather; process 0 alone reports
+                    from jax.experimental import multihost_utils
+
+                    params = multihost_utils.process_allgather(params, tiled=True)
+                if jax.process_index() == 0:
+                    eval_metrics.update(task.final_report(params, workdir))
     finally:
         logger.close(plot=config.plot)
         ckpt.close()

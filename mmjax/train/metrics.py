@@ -2,7 +2,9 @@
 
 Every record goes to ``workdir/metrics.jsonl`` as ``{"step": int, "split": "train" | "eval", name: float, ...}``
 (appended, so a resumed run continues the same file), and to TensorBoard events in ``workdir/tensorboard`` as
-``split/name``. :func:`plot_curves` turns the JSON lines into ``workdir/curves.png``.
+``split/name``. :func:`plot_curves` turns the JSON lines into ``workdir/curves.png``. In a multi-process run only
+process 0 writes these files and shows the progress bar (every process computes the same metrics); the others'
+loggers write nothing, while each process's warnings still go to its own stderr.
 
 >>> import tempfile, os
 >>> d = tempfile.mkdtemp()
@@ -18,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,6 +28,9 @@ import time
 from typing import Any
 
 import numpy as np
+
+from mmjax.errors import UserError
+from mmjax.train import storage
 
 
 class MetricLogger:
@@ -38,6 +44,8 @@ class MetricLogger:
       progress: show the tqdm bar.
       tensorboard: write TensorBoard events (tensorboardX).
       unit: what an example is called in the bar ("img", "graph", "pair").
+      primary: whether this process writes the files and shows the bar (default: ``jax.process_index() == 0``);
+        the others only return the records.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -47,6 +55,13 @@ class MetricLogger:
     >>> log.close(plot=False)
     >>> print(open(os.path.join(d, "metrics.jsonl")).read().strip())
     {"step": 1, "split": "train", "loss": 0.5, "accuracy": 1.0}
+
+    A process other than the first writes nothing:
+
+    >>> other = MetricLogger(tempfile.mkdtemp(), total_steps=10, progress=False, primary=False)
+    >>> other.write(1, "train", {"loss": 0.5}), os.listdir(other.workdir)
+    ({'loss': 0.5}, [])
+    >>> other.close()
     """
 
     def __init__(
@@ -58,16 +73,22 @@ class MetricLogger:
         progress: bool = True,
         tensorboard: bool = True,
         unit: str = "img",
+        primary: bool | None = None,
     ):
+        if primary is None:
+            import jax
+
+            primary = jax.process_index() == 0
+        self.primary = bool(primary)
         self.workdir = workdir
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self._file = _open_for_append(self.path) if self.primary else None
         self._tb = None
-        if tensorboard:
-            self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
+        if tensorboard and self.primary:
+            self._tb = _summary_writer(storage.join(workdir, "tensorboard"))
         self._bar = None
         self.examples_per_step = examples_per_step
-        if progress:
+        if progress and self.primary:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
@@ -82,6 +103,8 @@ class MetricLogger:
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, float]:
         """Appends one record; returns it with plain-float values."""
         record = {k: _to_float(v) for k, v in metrics.items()}
+        if self._file is None:
+            return record
         self._file.write(json.dumps({"step": int(step), "split": split, **record}) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -101,14 +124,16 @@ class MetricLogger:
             self._bar.update(steps * self.examples_per_step)
 
     def close(self, plot: bool = True) -> None:
-        """Flushes everything and saves the curve plot (``curves.png``)."""
+        """Flushes everything and saves the curve plot (``curves.png``; process 0 only)."""
         if self._bar is not None:
             self._bar.close()
+        if self._file is None:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
         if plot:
-            plot_curves(self.path, os.path.join(self.workdir, "curves.png"))
+            plot_curves(self.path, storage.join(self.workdir, "curves.png"))
 
 
 def _summary_writer(logdir: str):
@@ -123,8 +148,47 @@ def _summary_writer(logdir: str):
         finally:
             del sys.modules["torch"]
     import tensorboardX
+    from tensorboardX import record_writer
 
-    return tensorboardX.SummaryWriter(logdir)
+    if storage.is_uri(logdir) and logdir.split("://")[0] not in record_writer.REGISTERED_FACTORIES:
+        raise UserError(
+            f"config.tensorboard=True: tensorboardX cannot write event files to {logdir!r} (it writes local paths, "
+            "gs:// and s3://); set --config.tensorboard=False (metrics.jsonl and curves.png are written anyway)"
+        )
+    try:
+        return tensorboardX.SummaryWriter(logdir)
+    except ImportError as e:  # gs:// needs google-cloud-storage, s3:// boto3
+        raise UserError(
+            f"config.tensorboard=True with event files in {logdir!r}: {e}; install it, or set "
+            "--config.tensorboard=False (metrics.jsonl and curves.png are written anyway)"
+        ) from e
+
+
+class _RewrittenFile:
+    """``metrics.jsonl`` on an object store (``gs://``...), which cannot append: the records written so far (those
+    of earlier runs in the same workdir included) are kept and the whole file is rewritten atomically at each
+    ``flush``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._chunks = [storage.read_text(path)] if storage.exists(path) else []
+
+    def write(self, text: str) -> None:
+        self._chunks.append(text)
+
+    def flush(self) -> None:
+        storage.write_text(self.path, "".join(self._chunks))
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _open_for_append(path: str):
+    """A local file opened for appending, or a :class:`_RewrittenFile` for a URI."""
+    if storage.is_uri(path):
+        return _RewrittenFile(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "a")
 
 
 def _to_float(v):
@@ -145,14 +209,13 @@ def read_metrics(path: str) -> list[dict]:
     [{'step': 1, 'split': 'train', 'loss': 2.0}]
     """
     out = []
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return out
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in storage.read_text(path).split("\n"):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return out
 
 
@@ -198,8 +261,10 @@ def plot_curves(jsonl_path: str, png_path: str) -> str:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    storage.write_bytes(png_path, buffer.getvalue())  # atomic, local or remote
     return png_path
 
 

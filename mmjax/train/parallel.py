@@ -1,12 +1,17 @@
 """Parallel modes as a config value: ``"single"``, ``"pmap"`` and ``"sharded"``.
 
 * ``"single"``: one device, ``jax.jit``.
-* ``"pmap"``: ``jax.pmap`` over the local devices with the named axis ``"batch"``; the state is replicated (a leading
-  device axis), each device gets ``B / devices`` examples, gradients are averaged with ``lax.pmean``.
+* ``"pmap"``: ``jax.pmap`` with the named axis ``"batch"``; the state is replicated (a leading axis of this process's
+  devices), each device gets ``B / devices`` examples, gradients are averaged with ``lax.pmean``. With several
+  processes every process passes the same global device list (JAX requires it) and feeds its local devices.
 * ``"sharded"``: ``jax.jit`` over a one-axis ``Mesh`` (``"data"``, Auto axis type) with ``NamedSharding``; the batch is
   split over ``"data"`` (data parallel) and the state is replicated, or, with ``fsdp=True``, every state leaf of at
   least ``fsdp_min_size`` elements is split along its largest axis divisible by the device count (FSDP-style: the
   compiler all-gathers parameters for the forward/backward and reduce-scatters gradients).
+
+With several processes (:mod:`mmjax.train.distributed`) the plan's devices are global and grouped by process:
+every process takes part with the same number of its own devices (:func:`select_devices`), and its host batch
+(``B / processes`` examples) fills exactly its own devices.
 
 All three give the same parameters after the same steps on the same data, up to float32 round-off. The *canonical*
 state (what checkpoints hold) is the unreplicated state; :meth:`Plan.to_canonical` / :meth:`Plan.from_canonical`
@@ -28,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mmjax.errors import ConfigError
 
 MODES = ("single", "pmap", "sharded")
 PMAP_AXIS = "batch"
@@ -86,11 +93,14 @@ class Plan:
     fsdp_min_size: int = 2**14
 
     def __post_init__(self):
-        self.mesh = Mesh(np.array(self.devices), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+        auto = (jax.sharding.AxisType.Auto,)
+        self.mesh = Mesh(np.array(self.devices), (MESH_AXIS,), axis_types=auto)
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        self._local_mesh = Mesh(np.array(self.local_devices), (MESH_AXIS,), axis_types=auto)
 
     @property
     def num_devices(self) -> int:
-        """Number of devices the batch is split over."""
+        """Number of devices the batch is split over (all processes together)."""
         return len(self.devices)
 
     @property
@@ -107,8 +117,7 @@ class Plan:
         ...
         ValueError: config.batch_size=6 is not divisible by devices (1) * grad_accum_steps (4) = 4; ...
         """
-        hosts = jax.process_count() if self.mode == "pmap" else 1  # pmap devices are per host
-        n = self.num_devices * hosts * accum
+        n = self.num_devices * accum
         if batch_size <= 0 or batch_size % n:
             raise ValueError(
                 f"{what}={batch_size} is not divisible by devices ({self.num_devices}) * grad_accum_steps ({accum})"
@@ -117,7 +126,13 @@ class Plan:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_shardings(self, abstract_state: Any) -> Any:
-        """The sharding of each leaf of the canonical state (as the jitted step wants it)."""
+        """The sharding of each leaf of the canonical state (as the jitted step wants it).
+
+        With several processes a pmap plan's canonical state is replicated over all its devices, so that every
+        process holds it and checkpoints of all processes agree.
+        """
+        if self.mode == "pmap" and jax.process_count() > 1:
+            return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), abstract_state)
         if self.mode != "sharded":
             return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(self.devices[0]), abstract_state)
         return jax.tree.map(self._leaf_sharding, abstract_state)
@@ -135,18 +150,22 @@ class Plan:
         return NamedSharding(self.mesh, P())
 
     def from_canonical(self, state: Any) -> Any:
-        """Places a canonical (unreplicated) state for this mode; pmap gets a leading device axis."""
+        """Places a canonical (unreplicated) state for this mode; pmap gets a leading axis of the local devices."""
         if self.mode == "pmap":
-            stacked = jax.tree.map(
-                lambda x: np.broadcast_to(np.asarray(x)[None], (self.num_devices,) + np.shape(x)), state
-            )
+            n = len(self.local_devices)
+            stacked = jax.tree.map(lambda x: np.broadcast_to(_host_value(x)[None], (n,) + np.shape(x)), state)
             return self._put_pmap(stacked)
         return jax.device_put(state, self.state_shardings(state))
 
     def to_canonical(self, placed: Any) -> Any:
-        """The canonical state back from this mode's layout (pmap: device 0's copy)."""
+        """The canonical state back from this mode's layout (pmap: the first local device's copy; with several
+        processes, replicated over all the plan's devices, see :meth:`state_shardings`)."""
         if self.mode == "pmap":
-            return jax.tree.map(lambda x: x[0], placed)
+            first = jax.tree.map(lambda x: x[0], placed)
+            if jax.process_count() > 1:
+                replicated = NamedSharding(self.mesh, P())
+                first = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), first)
+            return first
         return placed
 
     # ---------------------------------------------------------------------------------------------- batches
@@ -155,24 +174,25 @@ class Plan:
         if self.mode == "single":
             return jax.device_put(batch, self.devices[0])
         if self.mode == "pmap":
+            n = len(self.local_devices)
 
             def reshape(x):
                 x = np.asarray(x)
-                if x.shape[0] % self.num_devices:
+                if x.shape[0] % n:
                     raise ValueError(
-                        f"batch leaf of shape {x.shape} does not split over {self.num_devices} devices; "
-                        "its leading size must be a multiple of the device count"
+                        f"batch leaf of shape {x.shape} does not split over this process's {n} devices; "
+                        "its leading size must be a multiple of the local device count"
                     )
-                return x.reshape((self.num_devices, x.shape[0] // self.num_devices) + x.shape[1:])
+                return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
             return self._put_pmap(jax.tree.map(reshape, batch))
         sharding = NamedSharding(self.mesh, P(MESH_AXIS))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
     def _put_pmap(self, stacked):
-        return jax.device_put(
-            stacked, NamedSharding(self.mesh, P(MESH_AXIS))
-        )  # pmap (built on shard_map in current JAX) takes arrays split over its devices along axis 0
+        # pmap (built on shard_map in current JAX) takes host-local arrays split over this process's devices along
+        # axis 0, in the order of the global device list (then it wraps them into global arrays without a copy)
+        return jax.device_put(stacked, NamedSharding(self._local_mesh, P(MESH_AXIS)))
 
     # ---------------------------------------------------------------------------------------------- compile
     def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
@@ -205,12 +225,58 @@ class Plan:
         return placed_state.params
 
 
+def select_devices(devices_by_process: list[list], num_devices: int = 0) -> list:
+    """The devices a plan uses: the first ``num_devices / processes`` devices of every process, grouped by process.
+
+    Every process of a multi-process run reads its own share of each batch and must fill devices of its own, so
+    ``num_devices`` (0 = all) is split evenly over the processes; a count that would leave a process with no
+    devices, or with a different number than the others, is refused with a :class:`~mmjax.errors.ConfigError`
+    naming the value, the devices per process and the counts that work.
+
+    Args:
+      devices_by_process: ``devices_by_process[i]`` are process ``i``'s devices (``jax.local_devices(i)``).
+      num_devices: the global device count to use (``config.parallel.num_devices``; 0 = all).
+
+    >>> select_devices([["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]], num_devices=4)
+    ['a0', 'a1', 'b0', 'b1']
+    >>> select_devices([["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]], num_devices=3)
+    Traceback (most recent call last):
+    ...
+    mmjax.errors.ConfigError: config.parallel.num_devices=3 cannot be split over 2 processes with 4 devices each: every process must use the same number of its own devices; use 0 (all 8) or one of [2, 4, 6, 8]
+    """
+    processes = len(devices_by_process)
+    counts = sorted({len(ds) for ds in devices_by_process})
+    per_process = counts[0]
+    choices = [processes * k for k in range(1, per_process + 1)]
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 0:
+        raise ConfigError(f"config.parallel.num_devices={num_devices!r} must be an int >= 0 (0 = all devices)")
+    if len(counts) > 1 and num_devices == 0:
+        raise ConfigError(
+            f"the {processes} processes have different numbers of devices ({[len(ds) for ds in devices_by_process]});"
+            f" set config.parallel.num_devices to one of {choices} so that every process uses as many as the others"
+        )
+    if num_devices == 0:
+        return [d for ds in devices_by_process for d in ds]
+    if num_devices > processes * per_process or num_devices % processes:
+        if processes == 1:
+            hint = f"only {per_process} devices are available; use 0 (all) or a count from 1 to {per_process}"
+            raise ConfigError(f"config.parallel.num_devices={num_devices} but {hint}")
+        raise ConfigError(
+            f"config.parallel.num_devices={num_devices} cannot be split over {processes} processes with "
+            f"{per_process} devices each: every process must use the same number of its own devices; use 0 (all "
+            f"{processes * per_process}) or one of {choices}"
+        )
+    k = num_devices // processes
+    return [d for ds in devices_by_process for d in ds[:k]]
+
+
 def make_plan(mode: str, num_devices: int = 0, fsdp: bool = False, fsdp_min_size: int = 2**14) -> Plan:
     """Builds the :class:`Plan` for ``config.parallel``.
 
     Args:
       mode: ``"single"``, ``"pmap"`` or ``"sharded"``.
-      num_devices: devices to use (0 = all: ``jax.local_devices()`` for pmap, ``jax.devices()`` for sharded).
+      num_devices: devices to use, all processes together (0 = all); with several processes every process
+        contributes ``num_devices / processes`` of its own (see :func:`select_devices`).
       fsdp: shard large state leaves (``"sharded"`` only).
       fsdp_min_size: smallest leaf (in elements) that ``fsdp`` shards.
 
@@ -227,11 +293,14 @@ def make_plan(mode: str, num_devices: int = 0, fsdp: bool = False, fsdp_min_size
         if jax.process_count() > 1:
             raise ValueError("config.parallel.mode='single' cannot run with several processes; use 'sharded'")
         devices = [jax.local_devices()[0]]
-    else:
-        available = jax.local_devices() if mode == "pmap" else jax.devices()
-        if num_devices > len(available):
-            raise ValueError(
-                f"config.parallel.num_devices={num_devices} but only {len(available)} devices are available"
-            )
-        devices = list(available[: num_devices or len(available)])
+    else:  # the same global list on every process (pmap requires it), grouped by process
+        by_process = [jax.local_devices(process_index=i) for i in range(jax.process_count())]
+        devices = select_devices(by_process, num_devices)
     return Plan(mode=mode, devices=devices, fsdp=fsdp, fsdp_min_size=fsdp_min_size)
+
+
+def _host_value(x) -> np.ndarray:
+    """A leaf as a NumPy array; a replicated array spread over several processes gives this process's copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
