@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+LOCALE_TEXT := /usr/share/locale/zh_CN/LC_MESSAGES/iso_3166-1.mo
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 # glibc >= 2.35 (ignored elsewhere): back malloc's large blocks with transparent huge pages. XLA:CPU allocates its
@@ -22,13 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps open_clip_torch==3.3.0  # the CLIP tokenizer's reference (see pyproject.toml)
 	touch $@
 
-# The embedded default dataset (Debian package dataset-fashion-mnist).
-data: $(FMNIST)
+# The embedded default dataset (Debian package dataset-fashion-mnist), and real text in ~150 languages for the
+# tokenizer's parity test (the translations of the Debian package iso-codes).
+data: $(FMNIST) $(LOCALE_TEXT)
 $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+$(LOCALE_TEXT):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq iso-codes
 
 demo: setup
 	$(BIN)/python -m mmjax train --config experiments/clip_fashion_mnist.py --workdir $(WORKDIR)

@@ -5,8 +5,10 @@ Both turn a batch of strings into a fixed-size ``int32`` array ``[N, context_len
 the end-of-text token is always the last one kept (the text tower pools at the first end-of-text).
 
 * :class:`CLIPTokenizer` reads the vocabulary and merges of a Hugging Face CLIP checkpoint
-  (``vocab.json`` + ``merges.txt``) or OpenAI's ``bpe_simple_vocab_16e6.txt.gz``; its ids equal those of
-  ``transformers.CLIPTokenizer`` built from the same files.
+  (``vocab.json`` + ``merges.txt``) or OpenAI's ``bpe_simple_vocab_16e6.txt.gz``. By default it cleans text
+  as OpenAI's ``clip/simple_tokenizer.py`` does (``ftfy.fix_text``, HTML unescaped twice, whitespace collapsed,
+  lower case), so its ids equal OpenAI's and open_clip's; with ``fix_unicode=False, unescape_html=False`` they
+  equal ``transformers.CLIPTokenizer``'s (which does not run ftfy) built from the same files.
 * :class:`WordTokenizer` needs no files: a word-level vocabulary built from a list of training captions,
   with ``<pad>``, ``<unk>``, ``<|startoftext|>`` and ``<|endoftext|>``.
 
@@ -28,6 +30,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import ftfy
 import numpy as np
 import regex
 
@@ -81,25 +84,44 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def clean_text(text: str, unescape_html: bool = True) -> str:
-    """CLIP's text cleaning without ftfy: HTML unescape, NFC, whitespace runs to one space, lower case.
+# ftfy.fix_text costs ~40 us for a short caption; training captions repeat every epoch, so remember the answers.
+_fix_text = functools.lru_cache(maxsize=1 << 16)(ftfy.fix_text)
+
+
+def clean_text(text: str, unescape_html: bool = True, fix_unicode: bool = True) -> str:
+    """CLIP's text cleaning: ``ftfy.fix_text``, HTML unescape (twice), whitespace runs to one space, lower case.
+
+    This is OpenAI's ``whitespace_clean(basic_clean(text)).lower()`` (``clip/simple_tokenizer.py``, also
+    open_clip's), step for step. ftfy repairs what real text carries: curly quotes and apostrophes become
+    ASCII (``it’s`` -> ``it's``), full-width forms become ASCII (``，：！`` -> ``,:!``, ``ＡＢＣ`` -> ``abc``),
+    ligatures are split (``ﬁ`` -> ``fi``), mojibake is decoded back (``cafÃ©`` -> ``café``), control
+    characters and terminal escapes are dropped, and the result is NFC-normalised.
 
     Args:
       text: the raw string.
-      unescape_html: undo HTML entities (``&amp;`` -> ``&``, twice, as OpenAI does). Hugging Face's
-        ``CLIPTokenizer`` does not unescape; pass ``False`` to match it on texts with entities.
+      unescape_html: undo HTML entities twice (``&amp;amp;`` -> ``&``), as OpenAI does. (ftfy itself
+        already unescapes once when the text holds no ``<``.)
+      fix_unicode: run ``ftfy.fix_text`` first (OpenAI). ``False`` applies only Unicode NFC instead,
+        which with ``unescape_html=False`` is the normaliser of Hugging Face's ``CLIPTokenizer``.
 
     Returns:
       The cleaned, stripped, lower-cased string.
 
     >>> clean_text("  A  Photo&amp;of\\tA CAT ")
     'a photo&of a cat'
+    >>> print(clean_text("It’s “ＣＬＩＰ”，ﬁne！"))
+    it's "clip",fine!
+    >>> clean_text("It’s", fix_unicode=False)
+    'it’s'
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}: {text!r:.80}. Pass a Python string.")
+    if fix_unicode:
+        text = _fix_text(text)
     if unescape_html:
         text = html.unescape(html.unescape(text))
-    text = unicodedata.normalize("NFC", text)
+    if not fix_unicode:
+        text = unicodedata.normalize("NFC", text)
     text = _WHITESPACE.sub(" ", text).strip()
     return text.lower()
 
@@ -173,7 +195,7 @@ class Tokenizer(abc.ABC):
 class CLIPTokenizer(Tokenizer):
     """CLIP's byte-level BPE tokenizer (lower-cased, ``</w>`` marks the end of a word).
 
-    A text is cleaned (:func:`clean_text`), split by CLIP's regular expression into words, each word's
+    A text is cleaned (:func:`clean_text`: ftfy, as OpenAI does), split by CLIP's regular expression into words, each word's
     UTF-8 bytes are mapped to printable characters (:func:`bytes_to_unicode`), ``</w>`` is appended to the
     last character, and adjacent symbol pairs are merged greedily by merge rank (lowest first) until no
     ranked pair is left. Symbols missing from the vocabulary map to ``unk_id`` (``<|endoftext|>``, as in
@@ -184,6 +206,8 @@ class CLIPTokenizer(Tokenizer):
       merges: ordered merge pairs ``(left, right)``; the position is the rank.
       pad_id: padding id; defaults to the end-of-text id (Hugging Face's convention). OpenAI pads with 0.
       unescape_html: see :func:`clean_text`.
+      fix_unicode: clean with ``ftfy.fix_text`` (OpenAI's and open_clip's tokenizer, the default); ``False``
+        (with ``unescape_html=False``) gives the ids of ``transformers.CLIPTokenizer``, which skips ftfy.
 
     Use :meth:`from_pretrained` to read files. Example with a two-letter vocabulary:
 
@@ -202,6 +226,7 @@ class CLIPTokenizer(Tokenizer):
         merges: Sequence[tuple[str, str]],
         pad_id: int | None = None,
         unescape_html: bool = True,
+        fix_unicode: bool = True,
     ):
         for special in (SOT_TOKEN, EOT_TOKEN):
             if special not in vocab:
@@ -216,6 +241,7 @@ class CLIPTokenizer(Tokenizer):
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.unescape_html = unescape_html
+        self.fix_unicode = fix_unicode
         self._sot = self.vocab[SOT_TOKEN]
         self._eot = self.vocab[EOT_TOKEN]
         self._pad = self._eot if pad_id is None else int(pad_id)
@@ -232,7 +258,7 @@ class CLIPTokenizer(Tokenizer):
 
         Args:
           path: a directory, or a ``.gz`` / ``.txt`` merges file.
-          **kwargs: passed to the constructor (``pad_id``, ``unescape_html``); for OpenAI's file also
+          **kwargs: passed to the constructor (``pad_id``, ``unescape_html``, ``fix_unicode``); for OpenAI's file also
             ``num_merges`` (default 48894).
         """
         path = os.fspath(path)
@@ -327,7 +353,7 @@ class CLIPTokenizer(Tokenizer):
 
     def tokens(self, text: str) -> list[str]:
         """The BPE token strings of ``text`` (no start/end tokens)."""
-        text = clean_text(text, unescape_html=self.unescape_html)
+        text = clean_text(text, unescape_html=self.unescape_html, fix_unicode=self.fix_unicode)
         out: list[str] = []
         for piece in _CLIP_PATTERN.findall(text):
             if piece in (SOT_TOKEN, EOT_TOKEN):
@@ -371,7 +397,8 @@ class WordTokenizer(Tokenizer):
     """Word-level tokenizer that needs no files, for the small caption sets mmjax ships.
 
     Words are runs of letters, runs of digits, or single punctuation marks of the cleaned, lower-cased text
-    (:func:`clean_text`). Ids: ``<pad>`` 0, ``<unk>`` 1, ``<|startoftext|>`` 2, ``<|endoftext|>`` 3, then the
+    (:func:`clean_text` without ftfy: HTML unescape, NFC, whitespace, lower case; kept so that saved
+    vocabularies keep their ids). Ids: ``<pad>`` 0, ``<unk>`` 1, ``<|startoftext|>`` 2, ``<|endoftext|>`` 3, then the
     vocabulary words.
 
     Args:
@@ -409,7 +436,7 @@ class WordTokenizer(Tokenizer):
     @staticmethod
     def split(text: str) -> list[str]:
         """Cleaned, lower-cased words of ``text``."""
-        return _WORD_PATTERN.findall(clean_text(text))
+        return _WORD_PATTERN.findall(clean_text(text, fix_unicode=False))
 
     @property
     def vocab_size(self) -> int:

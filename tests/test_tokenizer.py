@@ -38,10 +38,29 @@ def test_bytes_to_unicode_is_a_printable_bijection():
 def test_clean_text():
     assert clean_text("  Hello\t\nWORLD  ") == "hello world"
     assert clean_text("fish &amp;amp; chips") == "fish & chips"  # unescaped twice, as OpenAI does
-    assert clean_text("fish &amp; chips", unescape_html=False) == "fish &amp; chips"
+    assert clean_text("fish &amp; chips", unescape_html=False, fix_unicode=False) == "fish &amp; chips"
+    assert clean_text("fish &amp; chips", unescape_html=False) == "fish & chips"  # ftfy unescapes once itself
     assert clean_text("Cafe\u0301") == "caf\u00e9"  # NFC
     with pytest.raises(ValueError, match="text must be a str"):
         clean_text(3)
+
+
+def test_clean_text_fixes_unicode_with_ftfy_as_openai_does():
+    # OpenAI's tokenizer runs ftfy.fix_text before the BPE: curly quotes, full-width forms, ligatures, mojibake
+    assert clean_text("It’s “quoted”") == 'it\'s "quoted"'
+    assert clean_text("一只猫，坐在垫子上：很可爱！") == "一只猫,坐在垫子上:很可爱!"
+    assert clean_text("ＡＢＣ１２３ ﬁne cafÃ©") == "abc123 fine café"
+    assert clean_text("a&nbsp;b &amp;amp;amp;") == "a b &"  # ftfy unescapes once, then OpenAI's two
+    # without ftfy (Hugging Face's normaliser): NFC only
+    assert clean_text("It’s ＡＢＣ ﬁ", fix_unicode=False) == "it’s ａｂｃ ﬁ"
+
+
+def test_clip_tokenizer_cleans_with_ftfy_unless_told_not_to(bpe):
+    assert bpe.tokens("ＴＨＥ “cat”") == bpe.tokens('the "cat"')
+    raw = CLIPTokenizer(bpe.vocab, bpe.merges, fix_unicode=False)
+    assert raw.tokens("ＴＨＥ") != bpe.tokens("the") and raw.tokens("ＴＨＥ") == raw.tokens("ｔｈｅ")
+    # the word tokenizer keeps its cleaning (no ftfy), so saved vocabularies keep their ids
+    assert WordTokenizer.split("it’s") == ["it", "’", "s"]
 
 
 def test_bpe_merges_by_rank(bpe):

@@ -1,4 +1,8 @@
-"""mmjax.tokenizer.CLIPTokenizer against transformers.CLIPTokenizer built from the same vocab.json/merges.txt."""
+"""mmjax.tokenizer.CLIPTokenizer against transformers.CLIPTokenizer built from the same vocab.json/merges.txt.
+
+transformers' CLIPTokenizer normalises with NFC only (no ftfy, no HTML unescaping), so ours is built with
+``fix_unicode=False, unescape_html=False`` here; OpenAI's cleaning (the default) is tested in test_tokenizer_openai.py.
+"""
 
 import collections
 
@@ -50,7 +54,7 @@ def learn_bpe(corpus, num_merges):
     table = bytes_to_unicode()
     words = collections.Counter()
     for text in corpus:
-        for piece in pattern.findall(clean_text(text)):
+        for piece in pattern.findall(clean_text(text, fix_unicode=False)):
             mapped = "".join(table[b] for b in piece.encode("utf-8"))
             words[tuple(mapped[:-1]) + (mapped[-1] + "</w>",)] += 1
     merges = []
@@ -82,12 +86,13 @@ def learn_bpe(corpus, num_merges):
 def tokenizers(tmp_path_factory):
     merges = learn_bpe(CORPUS, 100)
     assert len(merges) == 100
-    ours = CLIPTokenizer(CLIPTokenizer.vocab_from_merges(merges), merges, unescape_html=False)
+    hf_cleaning = dict(unescape_html=False, fix_unicode=False)
+    ours = CLIPTokenizer(CLIPTokenizer.vocab_from_merges(merges), merges, **hf_cleaning)
     directory = tmp_path_factory.mktemp("clip_tokenizer")
     ours.save_pretrained(directory)
     reference = transformers.CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
     from_dir = transformers.CLIPTokenizer.from_pretrained(directory)
-    return CLIPTokenizer.from_pretrained(directory, unescape_html=False), reference, from_dir
+    return CLIPTokenizer.from_pretrained(directory, **hf_cleaning), reference, from_dir
 
 
 @pytest.mark.parametrize("text", TEXTS)
