@@ -2,6 +2,7 @@
 that depends only on (seed, step), disjoint per-host shards, padded evaluation batches."""
 
 import io
+import itertools
 import json
 import os
 
@@ -18,6 +19,7 @@ from mmjax.data.image_text import (
     fashion_mnist_captions,
     train_batches,
 )
+from tests.test_data import batch_digest
 
 
 def _array_source(n=12, size=4):
@@ -103,6 +105,46 @@ def test_per_host_shards_are_disjoint_and_complete():
         assert len(seen[-1]) == 6 and len(set(seen[-1].tolist())) == 6
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
     assert sorted(np.concatenate(seen).tolist()) == list(range(12))
+
+
+# Digests computed before the image and image-text pipelines shared one host-sharding code path (issue 16); the
+# grouped kinds are the CLIP job's hard-negative batches.
+PINNED_DIGESTS = {
+    (1, 0, "shuffled"): "8f5a1f335d9f38be",
+    (1, 0, "groups"): "2f3bf100342c8086",
+    (1, 0, "subgroups"): "d6c6002f6cf8a7e8",
+    (1, 0, "eval"): "68f35e5c54538528",
+    (2, 0, "shuffled"): "75a81ec96804f4ef",
+    (2, 0, "groups"): "3b9a63debe3d42f5",
+    (2, 0, "subgroups"): "1230388c0ceb51b3",
+    (2, 0, "eval"): "35fffaebeb4e9550",
+    (2, 1, "shuffled"): "3f33c4adb405ffde",
+    (2, 1, "groups"): "b7cc359aea43472e",
+    (2, 1, "subgroups"): "8d678e6c86f32eb7",
+    (2, 1, "eval"): "4f5c2c85fe70aa37",
+}
+
+
+@pytest.mark.parametrize("count, index, kind", list(PINNED_DIGESTS))
+def test_batches_are_bit_identical_to_the_pinned_order(count, index, kind):
+    n = 13
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, (11, 5, 5, 1), dtype=np.uint8)  # the digests were computed after this draw
+    images = rng.integers(0, 256, (n, 3, 3, 3), dtype=np.uint8)
+    captions = [[f"a {i}", f"b {i}", f"c {i}"] if i % 2 else f"a {i}" for i in range(n)]
+    groups, subgroups = np.arange(n) % 2, (np.arange(n) // 2) % 2
+    src = ArrayImageText(images, captions, label=np.arange(n) % 3, group=groups)
+    hosts = dict(process_index=index, process_count=count)
+    if kind == "eval":
+        batches = eval_batches(src, 4, **hosts)
+    else:
+        grouping = {
+            "shuffled": {},
+            "groups": {"groups": groups, "groups_per_batch": 1},
+            "subgroups": {"groups": groups, "groups_per_batch": 1, "subgroups": subgroups, "subgroups_per_group": 2},
+        }[kind]
+        batches = itertools.islice(train_batches(src, 4, seed=9, start_step=2, **hosts, **grouping), 7)
+    assert batch_digest(batches) == PINNED_DIGESTS[count, index, kind]
 
 
 def test_eval_batches_pad_mask_and_hosts():

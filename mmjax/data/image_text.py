@@ -14,7 +14,8 @@ Images are decoded with PIL (files and encoded bytes), converted to RGB, resized
 *skipped and counted*: the source returns the next readable example instead (deterministically, so batches stay a
 function of ``(seed, step)``) and records the index in ``src.corrupt``; it raises only when nothing is readable.
 
-Batching (:func:`train_batches`)::
+Batching (:func:`train_batches`, through the host sharding of :class:`mmjax.data.pipeline.HostShare`, the same code
+as the image-classification pipeline's)::
 
     order = grain.MapDataset.range(N)[process_index::process_count].shuffle(seed).repeat()
     batch(step) = [src[order[step * b + j]] for j < b],   b = global_batch // process_count
@@ -39,10 +40,10 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 from PIL import Image
 
+from mmjax.data.pipeline import HostShare, padded_eval_batches, stack_records
 from mmjax.preprocess import center_crop, resize_shortest_side
 
 __all__ = [
@@ -407,21 +408,8 @@ class TFDSImageText(_SkipsCorrupt):
         return out
 
 
-def _host_order(n: int, process_index: int | None, process_count: int | None):
-    import jax
-
-    index = jax.process_index() if process_index is None else int(process_index)
-    count = jax.process_count() if process_count is None else int(process_count)
-    ds = grain.MapDataset.range(n)
-    return (ds[index::count] if count > 1 else ds), count
-
-
 def _collate(records: list[dict], captions: list[str]) -> dict:
-    out = {"image": np.stack([r["image"] for r in records]), "caption": captions}
-    for key in records[0]:
-        if key not in ("image", "captions"):
-            out[key] = np.asarray([r[key] for r in records], np.int32)
-    return out
+    return {**stack_records(records, exclude=("captions",)), "caption": captions}
 
 
 def train_batches(
@@ -460,34 +448,24 @@ def train_batches(
     >>> sorted(batch["caption"]) in (["a", "b"], ["a", "c"], ["b", "c"], ["d", "e"], ["d", "f"], ["e", "f"])
     True
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    ds, count = _host_order(len(source), process_index, process_count)
-    if batch_size % count:
-        raise ValueError(f"config.batch_size={batch_size} is not divisible by the number of hosts ({count}).")
-    if len(ds) == 0:
-        raise ValueError("the training source is empty (or this host's share of it is).")
-    local = batch_size // count
-    if groups_per_batch:
+    share = HostShare(len(source), batch_size, process_index, process_count)
+    order = None
+    if groups_per_batch and len(share):
         order = _GroupedOrder(
-            np.asarray([ds[i] for i in range(len(ds))]),
+            share.indices,
             len(source),
-            local,
+            share.local_batch,
             seed,
             groups,
             groups_per_batch,
             subgroups,
             subgroups_per_group,
         )
-    else:
-        order = ds.shuffle(seed=int(seed) % 2**32).repeat(None)
-    step = int(start_step)
-    while True:
-        records = [source[order[step * local + j]] for j in range(local)]
+    for step, indices in share.train_indices(seed, start_step, order):
+        records = [source[i] for i in indices]
         rng = np.random.default_rng([int(seed) % 2**32, step])
         captions = [r["captions"][int(rng.integers(len(r["captions"])))] for r in records]
         yield _collate(records, captions)
-        step += 1
 
 
 class _GroupedOrder:
@@ -567,25 +545,15 @@ def eval_batches(
     >>> [(b["caption"], b["mask"].tolist()) for b in eval_batches(src, 2)]
     [(['a', 'b'], [1.0, 1.0]), (['c', ''], [1.0, 0.0])]
     """
-    ds, count = _host_order(len(source), process_index, process_count)
-    if batch_size % count:
-        raise ValueError(f"config.eval_batch_size={batch_size} is not divisible by the number of hosts ({count}).")
-    local = batch_size // count
-    largest_share = -(-len(source) // count)
+    share = HostShare(len(source), batch_size, process_index, process_count, name="config.eval_batch_size")
     first = source[0]
-    for start in range(0, max(largest_share, 1), local):
-        idx = [ds[k] for k in range(start, min(start + local, len(ds)))]
-        records = [source[i] for i in idx]
-        real = len(records)
-        pad = {
-            "image": np.zeros_like(first["image"]),
-            "captions": ("",),
-            **{k: 0 for k in first if k not in ("image", "captions")},
-        }
-        records += [pad] * (local - real)
-        batch = _collate(records, [r["captions"][0] for r in records])
-        batch["mask"] = np.concatenate([np.ones(real, np.float32), np.zeros(local - real, np.float32)])
-        yield batch
+    pad = {
+        "image": np.zeros_like(first["image"]),
+        "captions": ("",),
+        **{k: 0 for k in first if k not in ("image", "captions")},
+    }
+    for records, mask in padded_eval_batches(source, share, pad):
+        yield {**_collate(records, [r["captions"][0] for r in records]), "mask": mask}
 
 
 def fashion_mnist_captions(

@@ -4,15 +4,16 @@ A *source* is random access (``len(src)``, ``src[i] -> {"image": uint8 [H, W, C]
 :class:`ArraySource` (Fashion-MNIST from IDX files) or a TFDS ArrayRecord data source
 (``tfds.builder(name).as_data_source(split)``, no TensorFlow needed). Both go through the same grain pipeline:
 
-    MapDataset.source(src)[process_index::process_count]   # this host's share
-        .shuffle(seed).repeat()                            # a new permutation every epoch (seed + epoch)
-        .batch(global_batch // process_count)              # batches cross epoch boundaries; none is dropped
-    batch(step) = dataset[step]  ->  augment(batch, rng(seed, step))
+    order = MapDataset.range(N)[process_index::process_count]   # this host's share (HostShare)
+        .shuffle(seed).repeat()                                 # a new permutation every epoch (seed + epoch)
+    batch(step) = [src[order[step * b + j]] for j < b]          # b = global_batch // process_count; batches
+        -> augment(batch, rng(seed, step))                      # cross epoch boundaries, none is dropped
 
 so the batch of step ``s`` depends only on ``(seed, s)``: a resumed run reads exactly the batches an uninterrupted
 run would have. Augmentation (random crop of a zero-padded image, horizontal flip) runs vectorised in numpy on the
 uint8 batch; normalisation happens on the device (see the task). Evaluation batches keep the order, pad the last batch
-to full size and mark real examples in ``batch["mask"]``.
+to full size and mark real examples in ``batch["mask"]``. :class:`HostShare` (the sharding, shuffling and batching of
+indices) and :func:`stack_records` serve the image-text pipeline (:mod:`mmjax.data.image_text`) too.
 
 >>> import numpy as np
 >>> src = ArraySource(np.zeros((10, 4, 4, 1), np.uint8), np.arange(10))
@@ -180,10 +181,119 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, crop_padding: in
     return np.ascontiguousarray(out)
 
 
-def _host_share(ds, process_index: int | None, process_count: int | None):
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    return (ds[index::count] if count > 1 else ds), count
+class HostShare:
+    """This host's share of ``num_examples`` examples, batched: the one host-sharding code of mmjax's pipelines.
+
+    Host ``process_index`` of ``process_count`` (``jax.process_index()`` / ``jax.process_count()`` by default) owns
+    the examples ``process_index, process_index + process_count, ...`` and reads ``local_batch = batch_size //
+    process_count`` of them per step. Training walks epochs of a shuffled order of the share (grain seeds each
+    epoch with ``seed`` and the epoch number); evaluation walks the share in order, and every host yields the same
+    number of batches (collectives need all hosts), the shorter shares ending in short or empty index lists.
+    Both :func:`train_batches` here and :func:`mmjax.data.image_text.train_batches` batch through it.
+
+    Args:
+      num_examples: the size of the (global) source.
+      batch_size: the global batch (all hosts together).
+      process_index, process_count: this host and the number of hosts.
+      name: how the batch size is named in errors (the config field).
+
+    >>> share = HostShare(5, batch_size=4, process_index=1, process_count=2)
+    >>> share.local_batch, share.indices.tolist(), list(share.eval_indices())
+    (2, [1, 3], [[1, 3], []])
+    >>> next(share.train_indices(seed=0, start_step=0))[1] in ([1, 3], [3, 1])
+    True
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        name: str = "config.batch_size",
+    ):
+        self.process_index = jax.process_index() if process_index is None else int(process_index)
+        self.process_count = jax.process_count() if process_count is None else int(process_count)
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(
+                f"process_index={self.process_index} must be in [0, process_count={self.process_count}); pass the "
+                "index of this host (jax.process_index())."
+            )
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"{name}={batch_size!r} must be a positive int (the global batch size).")
+        if batch_size % self.process_count:
+            raise ValueError(
+                f"{name}={batch_size} is not divisible by the number of hosts ({self.process_count}); use a "
+                f"multiple of {self.process_count}."
+            )
+        self.num_examples, self.local_batch = int(num_examples), int(batch_size) // self.process_count
+        share = grain.MapDataset.range(self.num_examples)
+        self._share = share[self.process_index :: self.process_count] if self.process_count > 1 else share
+
+    @property
+    def indices(self) -> np.ndarray:
+        """This host's example indices, in order (``int64 [share size]``)."""
+        return np.arange(self.process_index, self.num_examples, self.process_count, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._share)
+
+    def train_indices(self, seed: int, start_step: int = 0, order=None) -> Iterator[tuple[int, list[int]]]:
+        """``(step, indices)`` from ``start_step`` on: the ``local_batch`` examples of each step (endless).
+
+        Batches run through a shuffled, repeated order of the share (a function of ``seed`` only) and cross epoch
+        boundaries; none is dropped. ``order`` replaces that order: anything with ``order[position] -> index``.
+        """
+        if len(self) == 0:
+            raise ValueError(
+                f"the training source is empty (or this host's share of it is): {self.num_examples} examples for "
+                f"{self.process_count} hosts; give a source with at least one example per host."
+            )
+        if order is None:
+            order = self._share.shuffle(seed=int(seed) % 2**32).repeat(None)
+        step, b = int(start_step), self.local_batch
+        while True:
+            yield step, [int(order[step * b + j]) for j in range(b)]
+            step += 1
+
+    def eval_indices(self) -> Iterator[list[int]]:
+        """This host's evaluation batches of indices, in order; as many as the largest share needs on every host."""
+        largest_share = -(-self.num_examples // self.process_count)  # ceil
+        for start in range(0, largest_share, self.local_batch):
+            yield [int(self._share[k]) for k in range(start, min(start + self.local_batch, len(self)))]
+
+
+def stack_records(records: list[dict], exclude: tuple[str, ...] = ()) -> dict:
+    """Records ``{"image": array, name: int, ...}`` -> a batch: images stacked, every other field ``int32 [B]``.
+
+    Fields named in ``exclude`` are left out (the caller batches them).
+
+    >>> b = stack_records([{"image": np.zeros((2, 2, 1), np.uint8), "label": 3}] * 2)
+    >>> b["image"].shape, b["label"].tolist(), b["label"].dtype
+    ((2, 2, 2, 1), [3, 3], dtype('int32'))
+    """
+    out = {"image": np.stack([r["image"] for r in records])}
+    for key in records[0]:
+        if key != "image" and key not in exclude:
+            out[key] = np.asarray([r[key] for r in records], np.int32)
+    return out
+
+
+def padded_eval_batches(source, share: HostShare, pad: dict) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """``(records, mask)`` of each of ``share``'s evaluation batches, padded with ``pad`` to ``local_batch``.
+
+    ``mask`` is ``float32 [local_batch]``, 1 for a real example and 0 for a padding record.
+
+    >>> share = HostShare(3, batch_size=2, process_index=0, process_count=1)
+    >>> [(len(r), m.tolist()) for r, m in padded_eval_batches([{"x": 1}] * 3, share, {"x": 0})]
+    [(2, [1.0, 1.0]), (2, [1.0, 0.0])]
+    """
+    for indices in share.eval_indices():
+        records = [source[i] for i in indices]
+        real = len(records)
+        records += [pad] * (share.local_batch - real)
+        mask = np.concatenate([np.ones(real, np.float32), np.zeros(share.local_batch - real, np.float32)])
+        yield records, mask
 
 
 def train_batches(
@@ -199,29 +309,20 @@ def train_batches(
     """Yields this host's training batches ``{"image": uint8 [b, H, W, C], "label": int32 [b]}`` from ``start_step``.
 
     ``batch_size`` is the *global* batch; each of ``process_count`` hosts gets ``batch_size // process_count``
-    examples of its own ``1 / process_count`` share of the data. Epochs are reshuffled (grain seeds each epoch with
-    ``seed`` and the epoch number); the batch of step ``s`` is a function of ``(seed, s)`` only.
+    examples of its own ``1 / process_count`` share of the data (:class:`HostShare`). Epochs are reshuffled (grain
+    seeds each epoch with ``seed`` and the epoch number); the batch of step ``s`` is a function of ``(seed, s)`` only.
 
     >>> src = ArraySource(np.zeros((6, 2, 2, 1), np.uint8), np.arange(6))
     >>> it = train_batches(src, 4, seed=1)
     >>> sorted(next(it)["label"].tolist() + next(it)["label"].tolist()[:2]) == list(range(6))
     True
     """
-    ds, count = _host_share(grain.MapDataset.source(source), process_index, process_count)
-    if batch_size % count:
-        raise ValueError(f"config.batch_size={batch_size} is not divisible by the number of hosts ({count})")
-    local = batch_size // count
-    if len(ds) == 0:
-        raise ValueError("the training source is empty")
-    ds = ds.shuffle(seed=int(seed) % 2**32).repeat(None).batch(local, drop_remainder=True)
-    step = int(start_step)
-    while True:
-        batch = ds[step]
-        images = np.asarray(batch["image"])
+    share = HostShare(len(source), batch_size, process_index, process_count)
+    for step, indices in share.train_indices(seed, start_step):
+        batch = stack_records([source[i] for i in indices])
         if crop_padding or flip:
-            images = augment_batch(images, np.random.default_rng([int(seed), step]), crop_padding, flip)
-        yield {"image": images, "label": np.asarray(batch["label"], np.int32)}
-        step += 1
+            batch["image"] = augment_batch(batch["image"], np.random.default_rng([int(seed), step]), crop_padding, flip)
+        yield batch
 
 
 def eval_batches(
@@ -233,27 +334,9 @@ def eval_batches(
     >>> [b["mask"].sum() for b in eval_batches(src, 4)]
     [np.float32(4.0), np.float32(1.0)]
     """
-    ds, count = _host_share(grain.MapDataset.source(source), process_index, process_count)
-    if batch_size % count:
-        raise ValueError(f"config.eval_batch_size={batch_size} is not divisible by the number of hosts ({count})")
-    local = batch_size // count
-    n = len(ds)
-    # Every host yields the same number of batches (collectives need all hosts): pad up to the largest share.
-    largest_share = -(-len(source) // count)  # ceil
-    num_batches = -(-largest_share // local)
-    batched = ds.batch(local, drop_remainder=False)
-    for i in range(num_batches):
-        if i < len(batched):
-            b = batched[i]
-            images, labels = np.asarray(b["image"]), np.asarray(b["label"], np.int32)
-        else:
-            first = ds[0] if n else source[0]
-            images = np.zeros((0,) + np.shape(first["image"]), np.uint8)
-            labels = np.zeros((0,), np.int32)
-        real = labels.shape[0]
-        pad = local - real
-        if pad:
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
-        mask = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
-        yield {"image": images, "label": labels, "mask": mask}
+    share = HostShare(len(source), batch_size, process_index, process_count, name="config.eval_batch_size")
+    if len(source) == 0:
+        return
+    pad = {"image": np.zeros_like(np.asarray(source[0]["image"])), "label": 0}
+    for records, mask in padded_eval_batches(source, share, pad):
+        yield {**stack_records(records), "mask": mask}
