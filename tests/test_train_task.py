@@ -10,6 +10,7 @@ import pytest
 
 from mmjax.train import TrainState, make_optimizer, make_plan, make_train_step
 from mmjax.train.config import prepare_config
+from tests.tolerances import assert_trees_float64_equal, float64, to_float64
 
 
 class ToyContrastiveTask:
@@ -108,3 +109,18 @@ def test_global_batch_and_stacked_tasks_agree_across_modes(task_cls):
     for mode in ("pmap", "sharded"):
         got = run(task_cls(), mode)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=mode), got, reference)
+
+    def in_float64(task):  # the same task on float64 batches and params (an instance attribute shadows the method)
+        batches, init = task.train_batches, task.init_params
+        task.train_batches = lambda start: (to_float64(b) for b in batches(start))
+        task.init_params = lambda rng, batch: to_float64(init(rng, batch))
+        return task
+
+    # the equality of the modes, in float64 (the float32 check above bounds round-off only)
+    with float64():
+        reference64 = run(in_float64(task_cls()), "single")
+        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3), reference64, reference)  # same run
+        for mode in ("pmap", "sharded"):
+            got = run(in_float64(task_cls()), mode)
+            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
