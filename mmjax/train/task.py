@@ -79,6 +79,8 @@ Registering a task
 ------------------
 ``config.task`` names the task: a key of :data:`TASKS` or a ``"module.path:ClassName"``. The class is built as
 ``Cls(config)`` and reads what it needs from ``config`` (``config.model``, ``config.data``, ...).
+A class whose constructor also takes ``workdir`` is built as ``Cls(config, workdir=...)`` by the engine: the run's
+directory (a local path or a URI, see :mod:`mmjax.train.storage`), for files that belong with the run.
 
 >>> from mmjax.train.task import resolve_task_class
 >>> resolve_task_class("classification").__name__
@@ -202,8 +204,10 @@ def resolve_task_class(name: str):
     return resolve_named(name, TASKS, "config.task", problem="is not a known task", kind="ClassName")
 
 
-def make_task(config) -> Task:
-    """Builds the task named by ``config.task`` as ``TaskClass(config)``.
+def make_task(config, workdir: str | None = None) -> Task:
+    """Builds the task named by ``config.task`` as ``TaskClass(config)``, or ``TaskClass(config, workdir=workdir)``
+    when a run directory is given and the class takes one (for files that belong with the run, such as the
+    contrastive task's word vocabulary, so that a checkpoint never depends on the data it was trained from).
 
     >>> import ml_collections
     >>> cfg = ml_collections.ConfigDict({"task": "node_classification", "model": {"name": "gcn", "hidden": 4},
@@ -214,4 +218,7 @@ def make_task(config) -> Task:
     >>> type(task).__name__, task.num_train_examples
     ('NodeClassificationTask', 1)
     """
-    return resolve_task_class(config.task)(config)
+    cls = resolve_task_class(config.task)
+    if workdir is not None and "workdir" in inspect.signature(cls).parameters:
+        return cls(config, workdir=workdir)
+    return cls(config)
