@@ -105,9 +105,7 @@ def install(monkeypatch, root: str) -> BucketBackend:
     bucket_backend = BucketBackend(root)
     monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", bucket_backend)
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    monkeypatch.setattr(
-        gcs_utils, "get_kvstore_for_gcs", lambda p: {"driver": "file", "path": bucket_backend.local(p)}
-    )
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda p: {"driver": "file", "path": bucket_backend.local(p)})
     monkeypatch.setattr(gcs_utils, "get_bucket", lambda name: SimpleNamespace(hierarchical_namespace_enabled=False))
     monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", _RecordWriterFactory(bucket_backend))
     return bucket_backend
