@@ -85,7 +85,7 @@ from mmjax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     """The job's configuration (see the module docstring for the command and the expected result)."""
-    config = default_config()
+    config = default_config("contrastive")  # the engine's and the task's defaults
     config.seed = 0
     config.task = "contrastive"
     config.model = ml_collections.ConfigDict(

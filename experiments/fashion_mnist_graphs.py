@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     """The engine config of this job: hidden 96, depth 3, batch 128, 4 epochs, AdamW lr 2e-3 with 200 warmup steps."""
     from mmjax.train.config import default_config
 
-    c = default_config()
+    c = default_config("classification")  # the engine's and the task's defaults
     c.task = "classification"
     c.model = ml_collections.ConfigDict({"name": "mmjax.graph_models:PatchGCN", "hidden": 96, "depth": 3})
     c.data.name = "fashion_mnist"

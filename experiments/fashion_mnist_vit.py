@@ -35,7 +35,7 @@ from mmjax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     """The job's configuration (see the module docstring for the command and the expected result)."""
-    config = default_config()
+    config = default_config("classification")  # the engine's and the task's defaults
     config.seed = 0
     config.model = ml_collections.ConfigDict(
         dict(

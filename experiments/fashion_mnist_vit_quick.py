@@ -16,7 +16,7 @@ from mmjax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     """Tiny ViT (width 16, depth 1, patch 7), 8 steps of batch 32, then evaluation on the test split."""
-    config = default_config()
+    config = default_config("classification")  # the engine's and the task's defaults
     config.model = ml_collections.ConfigDict(
         dict(
             name="vit",

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     """The engine config of this job (merged over :func:`mmjax.train.config.default_config`)."""
     from mmjax.train.config import default_config
 
-    c = default_config()
+    c = default_config("node_classification")  # the engine's and the task's defaults
     c.task = "node_classification"
     c.model = ml_collections.ConfigDict({"name": "gcn", "hidden": 16, "activation": "tanh", "dropout": 0.0})
     c.data = ml_collections.ConfigDict({"name": "karate_club", "train_nodes": [0, 33]})

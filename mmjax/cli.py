@@ -5,7 +5,11 @@
 Overrides ``--config.a.b=value`` (or ``--config.a.b value``) set nested config fields; the value is parsed like a
 Python literal (``3``, ``0.1``, ``True``, ``(1, 2)``, ``None``) and otherwise taken as a string, then coerced to the
 type of the existing field (an ``int`` field given ``3.0`` is an error, a ``float`` field given ``3`` becomes
-``3.0``).
+``3.0``). An unknown key is an error naming the closest valid ones. ``--config.seed=0,1,2`` runs a seed sweep
+(:mod:`mmjax.train.sweep`): one run per seed in ``DIR/seed_N``, then ``DIR/seeds.json``.
+
+Exit status: 0 on success, 2 for a usage error or a :class:`mmjax.errors.UserError` (its message is printed), 1 for
+any other exception (a bug: its traceback is printed).
 
 Adding a subcommand is one line in :data:`COMMANDS`: ``name: (help, add_arguments(parser), run(args) -> int)``.
 
@@ -21,9 +25,13 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 import ml_collections
+
+from mmjax.errors import ConfigError, UserError
+from mmjax.keypath import set_path
 
 
 def parse_override_value(text: str):
@@ -42,56 +50,50 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Imports a config file and returns its ``get_config()``.
 
     Raises:
-      ValueError: if the file does not exist or has no ``get_config``.
+      UserError: if the file does not exist or has no ``get_config``.
 
     >>> load_config_file("/nonexistent.py")
     Traceback (most recent call last):
     ...
-    ValueError: --config '/nonexistent.py': no such file (expected a Python file with get_config())
+    mmjax.errors.UserError: --config '/nonexistent.py': no such file (expected a Python file with get_config())
     """
     if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r}: no such file (expected a Python file with get_config())")
+        raise UserError(f"--config {path!r}: no such file (expected a Python file with get_config())")
     spec = importlib.util.spec_from_file_location(f"mmjax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path!r} defines no get_config() function")
+        raise UserError(f"--config {path!r} defines no get_config() function")
     return module.get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
-    """Sets ``config.<dotted key> = value`` for each ``(key, text)``; new keys are allowed only in free-form
-    sections (the engine's strict sections reject them when the config is validated).
+    """Sets ``config.<dotted key> = value`` for each ``(key, text)`` (:func:`mmjax.keypath.set_path`), the value
+    coerced to the type of the field it replaces; unknown keys are reported when the config is validated
+    (:func:`mmjax.train.config.prepare_config`), with the closest valid names.
 
     >>> c = ml_collections.ConfigDict({"a": {"b": 1.0}, "n": 2})
     >>> apply_overrides(c, [("a.b", "3"), ("n", "5")]).a.b
     3.0
     """
     for key, text in overrides:
-        value = parse_override_value(text)
-        *parents, leaf = key.split(".")
-        node = config
-        for i, part in enumerate(parents):
-            if part not in node or node[part] is None:
-                with node.ignore_type():
-                    node[part] = ml_collections.ConfigDict()
-            node = node[part]
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ValueError(f"--config.{key}: config.{'.'.join(parents[: i + 1])} is not a section")
-        old = node.get(leaf, None) if leaf in node else None
-        if old is not None and not isinstance(old, ml_collections.ConfigDict):
+
+        def coerce(old, value, key=key, text=text):
+            if old is None or isinstance(old, ml_collections.ConfigDict):
+                return value
             if isinstance(old, bool) and not isinstance(value, bool):
-                raise ValueError(f"--config.{key}={text!r}: expected True or False")
+                raise ConfigError(f"--config.{key}={text!r}: expected True or False")
             if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif isinstance(old, str) and not isinstance(value, str):
-                value = text
-            elif isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
-                raise ValueError(f"--config.{key}={text!r}: expected an int (the field is {old!r})")
-            elif isinstance(old, tuple) and isinstance(value, list):
-                value = tuple(value)
-        with node.ignore_type():
-            node[leaf] = value
+                return float(value)
+            if isinstance(old, str) and not isinstance(value, str):
+                return text
+            if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
+                raise ConfigError(f"--config.{key}={text!r}: expected an int (the field is {old!r})")
+            if isinstance(old, tuple) and isinstance(value, list):
+                return tuple(value)
+            return value
+
+        set_path(config, key, parse_override_value(text), convert=coerce)
     return config
 
 
@@ -145,15 +147,40 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.epilog = (
         "Overrides: --config.KEY=VALUE sets a (nested) config field, e.g. --config.batch_size=256 "
         "--config.optimizer.lr=1e-3 --config.parallel.mode=pmap --config.data.data_dir=/path. "
+        "Seed sweep: --config.seed=0,1,2 trains one run per seed in DIR/seed_N and writes DIR/seeds.json (mean, "
+        "min and max of each final metric over the seeds, each run's wall time). "
         "SIGTERM saves a checkpoint and exits 0; rerun the same command to continue."
     )
+
+
+def split_seed_sweep(overrides: list[tuple[str, str]]) -> tuple[list[int] | None, list[tuple[str, str]]]:
+    """``(seeds, other overrides)``: ``seeds`` is the list of a comma-separated ``--config.seed=0,1,2`` (a seed
+    sweep), else ``None`` (``seed`` is the only key that takes a list).
+
+    >>> split_seed_sweep([("seed", "0,1,2"), ("batch_size", "8")])
+    ([0, 1, 2], [('batch_size', '8')])
+    >>> split_seed_sweep([("seed", "3")])
+    (None, [('seed', '3')])
+    """
+    from mmjax.train.sweep import parse_seed_list
+
+    seeds, rest = None, []
+    for key, text in overrides:
+        if key == "seed" and "," in text:
+            seeds = parse_seed_list(text)
+        else:
+            rest.append((key, text))
+    return seeds, rest
 
 
 def _run_train(args) -> int:
     from mmjax.train import train_and_evaluate
 
-    config = apply_overrides(load_config_file(args.config), args.overrides)
+    seeds, overrides = split_seed_sweep(args.overrides)
+    config = apply_overrides(load_config_file(args.config), overrides)
     initialize_distributed(config)
+    if seeds is not None:
+        return _run_seed_sweep(config, args.workdir, seeds)
     result = train_and_evaluate(config, args.workdir)
     print(json.dumps(result, indent=2, default=str))
     if result.get("preempted"):
@@ -169,6 +196,23 @@ def _run_train(args) -> int:
             + (f"eval accuracy {acc:.4f}, " if acc is not None else "")
             + f"wall time {result['wall_time_s']:.1f} s, workdir {result['workdir']}"
         )
+    return 0
+
+
+def _run_seed_sweep(config, workdir: str, seeds: list[int]) -> int:
+    from mmjax.train.sweep import SUMMARY_FILE, format_summary, run_seed_sweep
+
+    summary = run_seed_sweep(config, workdir, seeds)
+    if summary.get("preempted"):
+        print(
+            f"stopped by SIGTERM in the run of seed {summary['seed']} ({summary['workdir']}); checkpoint saved; "
+            "rerun the same command to resume the sweep",
+            file=sys.stderr,
+        )
+        return 0
+    print(json.dumps(summary, indent=2, default=str))
+    print(format_summary(summary))
+    print(f"done: {len(seeds)} seeds, summary in {os.path.join(os.path.abspath(workdir), SUMMARY_FILE)}")
     return 0
 
 
@@ -225,7 +269,7 @@ def _run_convert(args) -> int:
     if args.from_hf:
         model_type = load_config(args.from_hf).get("model_type")
         if model_type != "clip":
-            raise ValueError(
+            raise UserError(
                 f"--from-hf {args.from_hf!r}: config.json has model_type {model_type!r}; the command "
                 "line converts 'clip' checkpoints (for 'vit' use mmjax.convert.from_hf in Python)"
             )
@@ -268,7 +312,7 @@ def _run_bench(args) -> int:
 
     path = os.path.join(_experiments_dir(), f"bench_{args.name}.py")
     if not os.path.isfile(path):
-        raise ValueError(f"bench {args.name!r}: {path} not found; benchmarks live in a source checkout's experiments/")
+        raise UserError(f"bench {args.name!r}: {path} not found; benchmarks live in a source checkout's experiments/")
     saved = sys.argv
     sys.argv = [path, *args.bench_args]
     try:
@@ -311,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmjax`` script; returns the exit code (2 for usage and config errors).
+    """Entry point of the ``mmjax`` script; returns the exit code.
+
+    0 on success; 2 for a usage error or a :class:`mmjax.errors.UserError` (a bad setting, a missing file: its
+    one-line message is printed); 1 for any other exception, whose traceback is printed (that is a bug in mmjax or
+    in the code a config names, not a problem with the command).
 
     >>> main(["eval", "--workdir", "/nonexistent"])
     2
@@ -326,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         return args._run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug, not a user error: show where it happened
+        traceback.print_exc()
+        print(
+            f"mmjax {args.command}: internal error (traceback above); this is not a problem with the command's "
+            "arguments, please report it",
+            file=sys.stderr,
+        )
+        return 1

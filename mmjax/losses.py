@@ -1,8 +1,10 @@
 """Classification and contrastive losses, with negatives drawn from the global batch.
 
-Three losses:
+The losses:
 
-* :func:`softmax_cross_entropy`: classification cross-entropy with label smoothing (optax underneath).
+* :func:`softmax_cross_entropy`: classification cross-entropy with label smoothing and example weights (optax
+  underneath), and :func:`softmax_cross_entropy_sum`, its unsmoothed sum over the real examples of a batch (what
+  evaluation adds up).
 * :func:`softmax_contrastive_loss`: CLIP's symmetric InfoNCE over image/text pairs.
 * :func:`sigmoid_contrastive_loss`: SigLIP's pairwise sigmoid loss, optionally chunked so that the full
   ``B x B`` logit matrix is never built.
@@ -34,6 +36,7 @@ from jax import lax
 
 __all__ = [
     "softmax_cross_entropy",
+    "softmax_cross_entropy_sum",
     "softmax_contrastive_loss",
     "sigmoid_contrastive_loss",
 ]
@@ -77,23 +80,7 @@ def _axis_size_and_index(axis_name):
 # -------------------------------------------------------------------------------------- classification
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Mean softmax cross-entropy of integer labels, with optional label smoothing.
-
-    ``loss = mean_i -sum_c t_ic log softmax(logits_i)_c`` with ``t_i = (1 - eps) onehot(labels_i) + eps / C``.
-
-    Args:
-      logits: ``[..., C]`` unnormalised class scores.
-      labels: ``[...]`` integer class indices in ``[0, C)``.
-      label_smoothing: ``eps`` in ``[0, 1)``.
-
-    Returns:
-      Scalar mean loss (float32 or wider).
-
-    >>> import jax.numpy as jnp
-    >>> float(softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])))  # log 4
-    1.3862943649291992
-    """
+def _check_labels(logits, labels, where):
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
@@ -103,12 +90,71 @@ def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+    if where is not None and jnp.shape(where) != labels.shape:
+        raise ValueError(
+            f"where must have the shape of labels {labels.shape} (one weight per example, 1 = counted), "
+            f"got {jnp.shape(where)}."
+        )
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels
+
+
+def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
+    """Mean softmax cross-entropy of integer labels, with optional label smoothing and example weights.
+
+    ``loss = mean_i -sum_c t_ic log softmax(logits_i)_c`` with ``t_i = (1 - eps) onehot(labels_i) + eps / C``;
+    with ``where`` (weights ``m_i``, e.g. a 0/1 mask of the examples that count), ``sum_i m_i l_i / max(sum_i m_i,
+    1)``. This is the training loss of the classification tasks.
+
+    Args:
+      logits: ``[..., C]`` unnormalised class scores.
+      labels: ``[...]`` integer class indices in ``[0, C)``.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+      where: optional ``[...]`` weights (same shape as ``labels``).
+
+    Returns:
+      Scalar mean loss (float32 or wider).
+
+    >>> import jax.numpy as jnp
+    >>> float(softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])))  # log 4
+    1.3862943649291992
+    >>> logits = jnp.array([[0.0, 0.0], [5.0, 0.0]])
+    >>> float(softmax_cross_entropy(logits, jnp.array([1, 0]), where=jnp.array([1.0, 0.0])))  # the first row: log 2
+    0.6931471824645996
+    """
+    logits, labels = _check_labels(logits, labels, where)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     num_classes = logits.shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=logits.dtype), label_smoothing)
-    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    per_example = optax.softmax_cross_entropy(logits, targets)
+    if where is None:
+        return jnp.mean(per_example)
+    return jnp.sum(per_example * where) / jnp.maximum(jnp.sum(where), 1.0)
+
+
+def softmax_cross_entropy_sum(logits, labels, where=None):
+    """Sum over examples of the softmax cross-entropy of integer labels (no smoothing), weighted by ``where``.
+
+    ``sum_i m_i (logsumexp(logits_i) - logits_i[labels_i])``: what evaluation adds up over batches before dividing
+    by the number of real examples (``where`` = the mask of real, non-padding examples). The per-example value is
+    computed as log-sum-exp minus the label's logit (``optax.softmax_cross_entropy_with_integer_labels``), which
+    equals :func:`softmax_cross_entropy`'s at ``eps = 0`` up to float round-off.
+
+    Args:
+      logits: ``[..., C]`` unnormalised class scores.
+      labels: ``[...]`` integer class indices in ``[0, C)``.
+      where: optional ``[...]`` weights (same shape as ``labels``); ``None`` counts every example.
+
+    Returns:
+      Scalar sum (float32 or wider).
+
+    >>> import jax.numpy as jnp
+    >>> float(softmax_cross_entropy_sum(jnp.zeros((3, 2)), jnp.array([0, 1, 1]), where=jnp.array([1.0, 1.0, 0.0])))
+    1.3862943649291992
+    """
+    logits, labels = _check_labels(logits, labels, where)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(per_example) if where is None else jnp.sum(per_example * where)
 
 
 # ------------------------------------------------------------------------------------------- softmax

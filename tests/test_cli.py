@@ -111,6 +111,56 @@ def test_cli_errors_are_clear(tmp_path):
     assert main(["train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path)]) == 2
 
 
+def test_config_typos_exit_2_with_the_closest_key(tmp_path, capsys):
+    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "w"), "--config.num_step=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.num_step is not a known setting" in err and "did you mean num_steps" in err
+    assert "Traceback" not in err and not (tmp_path / "w").exists()
+    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "w"), "--config.data.crop_paddding=4"])
+    assert code == 2 and "did you mean crop_padding" in capsys.readouterr().err
+
+
+def test_bugs_show_their_traceback_and_exit_1(tmp_path, capsys):
+    buggy = tmp_path / "buggy.py"  # a ValueError that is no user error: a bug in the code the config runs
+    buggy.write_text("def get_config():\n    return int('not a number')\n")
+    code = main(["train", "--config", str(buggy), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "buggy.py" in err and "invalid literal for int()" in err
+    assert "internal error" in err
+
+
+def test_seed_sweep_runs_one_run_per_seed_and_summarises(tmp_path, capsys):
+    data = write_tiny_fashion_mnist(tmp_path / "fm", n_train=32, n_test=16)
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(TINY_CONFIG)
+    workdir = tmp_path / "sweep"
+    argv = ["train", "--config", str(config_file), "--workdir", str(workdir), f"--config.data.data_dir={data}"]
+    assert main([*argv, "--config.seed=0,1"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((workdir / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and "eval_accuracy: mean" in out
+    runs = {}
+    for seed in (0, 1):
+        run = workdir / f"seed_{seed}"
+        saved = json.loads((run / "config.json").read_text())
+        assert saved["seed"] == seed and os.listdir(run / "checkpoints")  # a run directory like any other
+        runs[seed] = json.loads((run / "result.json").read_text())
+        assert runs[seed]["step"] == 2 and summary["wall_time_s"][str(seed)] == runs[seed]["wall_time_s"]
+    assert runs[0]["eval_loss"] != runs[1]["eval_loss"]  # the seeds differ
+    for name in ("eval_loss", "eval_accuracy", "train_loss"):
+        values = [runs[0][name], runs[1][name]]
+        m = summary["metrics"][name]
+        assert m["min"] == min(values) and m["max"] == max(values)
+        assert m["mean"] == pytest.approx(sum(values) / 2, rel=1e-12)
+    # Rerunning the same command trains nothing again: finished seeds are read back.
+    assert main([*argv, "--config.seed=0,1"]) == 0
+    assert json.loads((workdir / "seeds.json").read_text()) == summary
+    capsys.readouterr()
+    assert main([*argv, "--config.seed=0,0"]) == 2
+    assert "repeats a seed" in capsys.readouterr().err
+
+
 def test_overrides_are_typed():
     config = ml_collections.ConfigDict({"lr": 1.0, "steps": 3, "name": "vit", "flag": False, "sub": {"x": (1, 2)}})
     apply_overrides(
@@ -132,6 +182,20 @@ def test_experiment_configs_load_and_validate():
         assert config.model.name == "vit"
         doc = open(path).read().split('"""')[1]
         assert f"mmjax train --config experiments/{name}" in doc  # the docstring gives the command
+    # Every job's config holds only known keys (strict validation) for its task.
+    tasks = {}
+    for name in sorted(os.listdir(os.path.join(REPO, "experiments"))):
+        if name.endswith(".py") and not name.startswith("bench_"):
+            config = prepare_config(load_config_file(os.path.join(REPO, "experiments", name)))
+            tasks[name] = config.task
+    assert tasks == {
+        "clip_b16_tpu.py": "contrastive",
+        "clip_fashion_mnist.py": "contrastive",
+        "fashion_mnist_graphs.py": "classification",
+        "fashion_mnist_vit.py": "classification",
+        "fashion_mnist_vit_quick.py": "classification",
+        "karate_gcn.py": "node_classification",
+    }
 
 
 def test_convert_and_bench_help_and_bench_runs():

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from mmjax.errors import ConfigError, UserError
 from mmjax.train import (
     DEFAULT_DECAY_RULES,
     decay_multipliers,
@@ -36,7 +37,10 @@ from tests.test_train_models import tiny_config, write_tiny_fashion_mnist
         ({"batch_size": 0}, r"config.batch_size=0 is not valid; expected an int > 0"),
         ({"batch_size": 12.5}, r"config.batch_size=12.5"),
         ({"optimizer": {"grad_accum_steps": 0}}, r"config.optimizer.grad_accum_steps=0"),
-        ({"optimizer": {"lrr": 0.1}}, r"config.optimizer.lrr is not a known setting; valid keys: \[.*'lr'"),
+        (
+            {"optimizer": {"lrr": 0.1}},
+            r"config.optimizer.lrr is not a known setting of config.optimizer; did you mean lr\?",
+        ),
         ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0 .*\[0, 1\)"),
         ({"num_steps": 0, "num_epochs": 0}, r"config.num_steps=0 and config.num_epochs=0"),
         ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0"),
@@ -48,6 +52,57 @@ def test_bad_config_values(override, pattern):
         prepare_config(override)
 
 
+@pytest.mark.parametrize(
+    "config,pattern",
+    [
+        ({"num_step": 5}, r"^config.num_step is not a known setting of the config's top level; did you mean num_steps"),
+        ({"batchsize": 3}, r"^config.batchsize is not a known setting .*did you mean batch_size or eval_batch_size"),
+        ({"data": {"crop_paddding": 4}}, r"^config.data.crop_paddding .* of config.data; did you mean crop_padding"),
+        ({"model": {"widht": 8}}, r"^config.model.widht .* of config.model; did you mean width"),  # ViT's fields
+        ({"parallel": {"mdoe": "pmap"}}, r"^config.parallel.mdoe .* of config.parallel; did you mean mode"),
+        ({"distributed": {"num_process": 2}}, r"^config.distributed.num_process .*did you mean num_processes"),
+        ({"task": "contrastive", "contrastive": {"los": "sigmoid"}}, r"^config.contrastive.los .*did you mean loss"),
+        ({"task": "contrastive", "model": {"vision_widht": 8}}, r"^config.model.vision_widht .*mean vision_width"),
+        ({"task": "contrastive", "data": {"crop_padding": 2}}, r"^config.data.crop_padding is not a known setting"),
+        ({"task": "contrastive", "label_smoothing": 0.1}, r"^config.label_smoothing is not a known setting"),
+        ({"task": "node_classification", "model": {"hiden": 4}}, r"^config.model.hiden .*did you mean hidden"),
+        ({"task": "node_classification", "data": {"train_node": [0]}}, r"did you mean train_nodes"),
+    ],
+)
+def test_unknown_keys_are_errors_with_the_closest_valid_keys(config, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        prepare_config(config)
+
+
+def test_a_typo_fails_before_anything_is_read_or_compiled(tmp_path):
+    workdir = tmp_path / "w"
+    with pytest.raises(ConfigError, match="did you mean num_steps"):
+        train_and_evaluate(tiny_config(tmp_path / "no_data_here", num_step=5), str(workdir))
+    assert not workdir.exists()  # failed in prepare_config: no workdir, no data read, nothing compiled
+
+
+def test_engine_defaults_hold_only_engine_keys_and_tasks_declare_theirs():
+    engine = default_config()
+    for key in ("model", "data", "label_smoothing", "contrastive"):
+        assert key not in engine
+    classification = default_config("classification")
+    assert classification.model.name == "vit" and classification.data.crop_padding == 0
+    assert classification.label_smoothing == 0.0 and classification.task == "classification"
+    contrastive = prepare_config({"task": "contrastive"})
+    assert contrastive.model.name == "clip" and contrastive.data.name == "fashion_mnist_captions"
+    assert "crop_padding" not in contrastive.data and "label_smoothing" not in contrastive
+    assert contrastive.contrastive.loss == "softmax"
+    assert contrastive.optimizer.to_dict() == engine.optimizer.to_dict()
+    nodes = prepare_config({"task": "node_classification"})
+    assert nodes.model.name == "gcn" and nodes.batch_size == 1 and "flip" not in nodes.data
+
+
+def test_config_errors_are_user_errors_and_value_errors():
+    with pytest.raises(ConfigError) as info:
+        prepare_config({"batch_size": 0})
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+
+
 def test_bad_names_fail_before_training(tmp_path):
     d = write_tiny_fashion_mnist(tmp_path / "fm", n_train=16, n_test=8)
     cases = [
@@ -55,7 +110,10 @@ def test_bad_names_fail_before_training(tmp_path):
         ({"task": "regression"}, r"config.task='regression' is not a known task; valid choices: \[.*'classification'"),
         ({"model.name": "resnet"}, r"config.model.name='resnet' is not valid; valid choices: \['vit'\]"),
         ({"model.name": "tests.test_train_models:NoSuchModel"}, r"has no attribute 'NoSuchModel'"),
-        ({"model.bogus_arg": 3}, r"config.model: cannot build TinyMLP"),
+        (
+            {"model.bogus_arg": 3},
+            r"config.model.bogus_arg is not a known setting of config.model; .*valid keys: dropout_rate",
+        ),
     ]
     for override, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -190,3 +248,25 @@ def test_metric_logger_appends_across_runs(tmp_path):
         log.write(step, "train", {"loss": float(step)})
         log.close(plot=False)
     assert [r["loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1.0, 2.0]
+
+
+def test_configs_saved_before_tasks_declared_their_keys_still_load():
+    # What older versions wrote to config.json for a contrastive run: the engine's old classification keys too.
+    old = prepare_config({"task": "contrastive"}).to_dict()
+    old["label_smoothing"] = 0.0
+    old["data"].update(crop_padding=0, flip=False)
+    config = prepare_config(from_json(json.dumps(old)))
+    assert "label_smoothing" not in config and "flip" not in config.data and config.data.mean == 0.5
+    with pytest.raises(ConfigError, match="did you mean label_smoothing"):  # a key the task declares stays checked
+        prepare_config({"label_smothing": 0.1})
+
+
+def test_train_docstrings_name_every_built_in_task():
+    import mmjax.train
+    import mmjax.train.task
+
+    for name, path in mmjax.train.task.TASKS.items():
+        module, cls = path.split(":")
+        assert f":mod:`{module}`" in mmjax.train.__doc__, name
+        assert f"{module}.{cls}" in mmjax.train.task.__doc__, name
+    assert "plug in" not in mmjax.train.__doc__ + mmjax.train.task.__doc__  # no longer a promise

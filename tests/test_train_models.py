@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.keypath import set_path
+
 
 class TinyMLP(nn.Module):
     """Flatten -> Dense(hidden) -> gelu -> (dropout) -> LayerNorm -> Dense(num_classes); returns (logits, aux)."""
@@ -87,17 +89,20 @@ def tiny_config(data_dir, **overrides):
         "optimizer": {"lr": 1e-2, "warmup_steps": 1},
     }
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_path(config, key, value)
     return config
 
 
 class SlowClassificationTask:
     """ClassificationTask whose training batches take ``MMJAX_TEST_BATCH_DELAY`` seconds each (default 0.05), so a
     test can kill or signal a run between checkpoints. Same data, model and results as "classification"."""
+
+    @staticmethod
+    def default_config():
+        """The classification task's keys and defaults (this task takes the same config)."""
+        from mmjax.train.classification import ClassificationTask
+
+        return ClassificationTask.default_config()
 
     def __new__(cls, config):
         import os

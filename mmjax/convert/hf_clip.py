@@ -40,6 +40,7 @@ import numpy as np
 
 from mmjax.clip import CLIP, CLIPConfig, as_config
 from mmjax.convert.io import check_state_dict, load_config, load_state_dict, save_hf_dir, to_numpy_state_dict
+from mmjax.keypath import set_path
 
 __all__ = [
     "hf_shapes",
@@ -377,11 +378,7 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, v in flat.items():
-        node = out
-        *path, leaf = name.split("/")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = v
+        set_path(out, name, v, sep="/", what="params")
     return out
 
 

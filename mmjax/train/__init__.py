@@ -1,13 +1,17 @@
-"""The training engine: one loop for every task (classification now; graphs and CLIP plug in as tasks).
+"""The training engine: one loop for every task (image and image-graph classification, contrastive image-text
+training, node classification), which joins a model, its loss, metrics and data.
 
 * :mod:`mmjax.train.task`: the Task interface (read its docstring first) and the task registry.
-* :mod:`mmjax.train.classification`: image classification task.
+* :mod:`mmjax.train.classification`: image classification task (any image model: ViT, a GCN over patches).
+* :mod:`mmjax.train.contrastive`: contrastive image-text task (CLIP, SigLIP, LiT).
+* :mod:`mmjax.train.node_classification`: transductive node classification task (a GCN on one graph).
 * :mod:`mmjax.train.optimizer`: AdamW with weight-decay rules, warmup + cosine, clipping.
 * :mod:`mmjax.train.state`: the train state pytree.
 * :mod:`mmjax.train.parallel`: "single" / "pmap" / "sharded" (+ FSDP) layouts and compilation.
 * :mod:`mmjax.train.checkpoint`: orbax checkpoints (atomic, keep last K, loud failures).
 * :mod:`mmjax.train.metrics`: JSON lines, TensorBoard, progress bar, curve plot.
-* :mod:`mmjax.train.config`: defaults and validation.
+* :mod:`mmjax.train.config`: the engine's defaults (each task declares its own), merging and strict validation.
+* :mod:`mmjax.train.sweep`: seed sweeps (``--config.seed=0,1,2``), the mean and min-max of each final metric.
 * :mod:`mmjax.train.loop`: ``train_and_evaluate(config, workdir)`` and ``evaluate(workdir)``.
 """
 

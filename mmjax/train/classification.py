@@ -1,8 +1,14 @@
 """Image classification as a task: any Flax module mapping NHWC images to logits (or ``(logits, aux)``).
 
-Loss (label smoothing ``eps`` over ``K`` classes): ``-sum_k q_k log softmax(logits)_k`` with
-``q = (1 - eps) * onehot(label) + eps / K``; metrics: accuracy. Images arrive as ``uint8`` and are normalised on the
-device: ``x = (image / 255 - mean) / std``.
+Loss (label smoothing ``eps`` over ``K`` classes, :func:`mmjax.losses.softmax_cross_entropy`):
+``-sum_k q_k log softmax(logits)_k`` with ``q = (1 - eps) * onehot(label) + eps / K``; metrics: accuracy. Images
+arrive as ``uint8`` and are normalised on the device: ``x = (image / 255 - mean) / std``, with ``mean`` and ``std``
+one number or one per channel. The model may be any image model, e.g. :class:`mmjax.vit.ViT` or a graph network over
+image patches (:class:`mmjax.graph_models.PatchGCN`, ``experiments/fashion_mnist_graphs.py``).
+
+Config (:meth:`ClassificationTask.default_config`): ``model`` (``name`` plus the model's constructor fields),
+``data`` (``name``, ``data_dir``, ``train_split``, ``eval_split``, ``crop_padding``, ``flip``, ``mean``, ``std``) and
+``label_smoothing``.
 
 >>> import ml_collections
 >>> build_model_class(ml_collections.ConfigDict({"name": "flax.linen:Dense"})).__name__
@@ -11,13 +17,21 @@ device: ``x = (image / 255 - mean) / std``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
 from mmjax.data.pipeline import eval_batches, load_source, train_batches
-from mmjax.train.task import instantiate_model, resolve_named
+from mmjax.errors import ConfigError
+from mmjax.losses import softmax_cross_entropy, softmax_cross_entropy_sum
+from mmjax.train.config import is_number
+from mmjax.train.task import (
+    check_label_smoothing,
+    constructor_keys,
+    instantiate_model,
+    resolve_named,
+    with_defaults,
+)
 
 #: Model names -> "module:Class".
 MODELS = {"vit": "mmjax.vit:ViT"}
@@ -31,7 +45,7 @@ def build_model_class(model_config):
     >>> build_model_class({"name": "resnet"})
     Traceback (most recent call last):
     ...
-    ValueError: config.model.name='resnet' is not valid; valid choices: ['vit'] or a 'package.module:Class' path
+    mmjax.errors.ConfigError: config.model.name='resnet' is not valid; valid choices: ['vit'] or a 'package.module:Class' path
     """
     return resolve_named(model_config.get("name", None), MODELS, "config.model.name")
 
@@ -49,6 +63,35 @@ def build_model(model_config, num_classes: int):
     return instantiate_model(cls, {k: v for k, v in model_config.to_dict().items() if k != "name"}, num_classes)
 
 
+def normalisation(key: str, value, channels: int):
+    """``config.data.mean`` / ``std`` as used on the device: a Python float for one number, else a float32
+    ``[channels]`` array (one value per channel, broadcast over NHWC images).
+
+    Raises:
+      ConfigError: for anything else (naming the value and the accepted forms); a ``std`` must be > 0.
+
+    >>> normalisation("mean", 0.5, 1), normalisation("mean", (0.4, 0.5, 0.6), 3).shape
+    (0.5, (3,))
+    >>> normalisation("mean", (0.4, 0.5), 3)
+    Traceback (most recent call last):
+    ...
+    mmjax.errors.ConfigError: config.data.mean=(0.4, 0.5) is not valid; expected one number or 3 numbers (one per image channel), e.g. 0.5 or (0.5, 0.5, 0.5)
+    """
+    expected = f"one number or {channels} numbers (one per image channel), e.g. 0.5 or {(0.5,) * channels}"
+    if is_number(value):
+        values = [float(value)]
+    else:
+        try:
+            values = [float(v) for v in value] if all(is_number(v) for v in value) else None
+        except TypeError:
+            values = None
+        if values is None or len(values) not in (1, channels):
+            raise ConfigError(f"config.data.{key}={value!r} is not valid; expected {expected}")
+    if key == "std" and min(values) <= 0:
+        raise ConfigError(f"config.data.std={value!r} is not valid; expected numbers > 0")
+    return values[0] if is_number(value) else jnp.asarray(values, jnp.float32)
+
+
 def _logits(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -64,6 +107,7 @@ class ClassificationTask:
     A tiny ViT on eight 8x8 images (written as Fashion-MNIST IDX files), one loss and one evaluation batch:
 
     >>> import os, tempfile
+    >>> import jax
     >>> from mmjax.data import write_idx
     >>> from mmjax.train.config import prepare_config
     >>> data, rng = tempfile.mkdtemp(), np.random.default_rng(0)
@@ -88,7 +132,52 @@ class ClassificationTask:
 
     unit = "img"
 
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        """The task's keys with their defaults (merged under the engine's by
+        :func:`mmjax.train.config.prepare_config`).
+
+        >>> ClassificationTask.default_config().data.name
+        'fashion_mnist'
+        """
+        c = ml_collections.ConfigDict()
+        c.model = ml_collections.ConfigDict({"name": "vit"})  # name ("vit" or "module:Class") + constructor kwargs
+        c.data = ml_collections.ConfigDict(
+            dict(
+                name="fashion_mnist",  # "fashion_mnist" (IDX files) or any prepared TFDS image-classification dataset
+                data_dir="",  # directory with the IDX files / TFDS data_dir ("" = defaults)
+                train_split="train",
+                eval_split="test",
+                crop_padding=0,  # random crop after zero padding by this many pixels (0 = off)
+                flip=False,  # random horizontal flip
+                mean=0.5,  # images are (x / 255 - mean) / std on the device; one number or one per channel
+                std=0.5,
+            )
+        )
+        c.label_smoothing = 0.0
+        return c
+
+    @staticmethod
+    def model_keys(model_config) -> frozenset[str] | None:
+        """``config.model``'s valid keys: ``name`` and the model class's constructor fields.
+
+        >>> sorted(ClassificationTask.model_keys({"name": "flax.linen:Dropout"}))
+        ['broadcast_dims', 'deterministic', 'name', 'rate', 'rng_collection']
+        """
+        keys = constructor_keys(build_model_class(model_config))
+        return None if keys is None else keys | {"name"}
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Checks the task's values that need no data (``label_smoothing``).
+
+        >>> ClassificationTask.check_config({"label_smoothing": 0.0})  # valid: returns None
+        """
+        check_label_smoothing(config)
+
     def __init__(self, config):
+        config = with_defaults(config, type(self))
+        self.check_config(config)
         d = config.data
         data_dir = d.data_dir or None
         self.train_source, info = load_source(d.name, d.train_split, data_dir)
@@ -96,7 +185,8 @@ class ClassificationTask:
         self.num_classes = int(info["num_classes"])
         self.num_train_examples = len(self.train_source)
         self.model = build_model(config.model, self.num_classes)
-        self.mean, self.std = float(d.mean), float(d.std)
+        channels = int(tuple(info["image_shape"])[-1])
+        self.mean, self.std = normalisation("mean", d.mean, channels), normalisation("std", d.std, channels)
         self.label_smoothing = float(config.label_smoothing)
         self.batch_size, self.eval_batch_size = int(config.batch_size), int(config.eval_batch_size)
         self.seed = int(config.seed)
@@ -133,8 +223,7 @@ class ClassificationTask:
         logits = _logits(self.model.apply({"params": params}, self._images(batch), train=train, rngs={"dropout": rng}))
         logits = logits.astype(jnp.float32)
         labels = batch["label"]
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        loss = softmax_cross_entropy(logits, labels, self.label_smoothing)
         accuracy = (jnp.argmax(logits, -1) == labels).mean()
         return loss, {"accuracy": accuracy}
 
@@ -143,6 +232,6 @@ class ClassificationTask:
         del axis_name
         logits = _logits(self.model.apply({"params": params}, self._images(batch), train=False)).astype(jnp.float32)
         mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {"loss": jnp.sum(ce * mask), "accuracy": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+        loss_sum = softmax_cross_entropy_sum(logits, batch["label"], where=mask)
+        return {"loss": loss_sum, "accuracy": jnp.sum(correct * mask), "count": jnp.sum(mask)}

@@ -12,9 +12,7 @@
 6. evaluate, save the curve plot and return the final metrics.
 
 Outputs in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``,
-``curves.png``, and what the task saves with the run (the contrastive task's word vocabulary, ``vocab.json``).
-``workdir`` is a local path or a URI that orbax and ``etils.epath`` write to (``gs://bucket/run``;
-see :mod:`mmjax.train.storage`).
+``curves.png``.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax.train import storage
+from mmjax.errors import UserError
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import from_json, prepare_config, to_json
 from mmjax.train.distributed import StopAgreement
@@ -145,7 +143,7 @@ def _setup(config, workdir: str):
     accum = config.optimizer.grad_accum_steps
     plan.check_batch_size(config.batch_size, accum)
     plan.check_batch_size(config.eval_batch_size, 1, "config.eval_batch_size")
-    task = make_task(config, workdir)  # a task may keep files with the run (e.g. a vocabulary)
+    task = make_task(config)
     total_steps = _total_steps(config, task)
     first = next(iter(task.train_batches(0)))
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -175,8 +173,11 @@ def _evaluate(task, plan: Plan, eval_step, placed_params) -> dict[str, float]:
 
 
 def _write_config(config, workdir: str) -> None:
-    # atomic, with a temporary name unique to the process: several processes of a multi-host run share the workdir
-    storage.write_text(storage.join(workdir, CONFIG_FILE), to_json(config))
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"  # unique: several processes of a multi-host run share the workdir
+    with open(tmp, "w") as f:
+        f.write(to_json(config))
+    os.replace(tmp, path)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -210,8 +211,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     watch = Stopwatch()
     config = prepare_config(config)
-    workdir = storage.resolve(workdir)  # a URI (gs://bucket/run) as given, a local path made absolute
-    storage.path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     plan, task, tx, schedule, state, ckpt, total_steps = _setup(config, workdir)
     start_step = int(state.step)
@@ -221,7 +222,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     eval_step = plan.compile_eval_step(lambda p, b: task.eval_metrics(p, b, axis_name=plan.axis_name))
     placed = plan.from_canonical(state)
     del state
-    examples_per_step = config.batch_size
+    examples_per_step = task.example_count(next(iter(task.train_batches(start_step)))) * jax.process_count()
     logger = MetricLogger(
         workdir,
         total_steps,
@@ -302,8 +303,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
                     params = multihost_utils.process_allgather(params, tiled=True)
                 if jax.process_index() == 0:
-                    # the task writes with local file APIs: staged locally and copied up when workdir is remote
-                    eval_metrics.update(storage.call_staged(lambda local: task.final_report(params, local), workdir))
+                    eval_metrics.update(task.final_report(params, workdir))
     finally:
         logger.close(plot=config.plot)
         ckpt.close()
@@ -334,10 +334,11 @@ def load_config(workdir: str):
     >>> load_config(workdir).batch_size
     64
     """
-    path = storage.join(storage.resolve(workdir), CONFIG_FILE)
-    if not storage.exists(path):
-        raise ValueError(f"workdir {workdir!r} has no {CONFIG_FILE}: it is not a training run's directory")
-    return from_json(storage.read_text(path))
+    path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"workdir {workdir!r} has no {CONFIG_FILE}: it is not a training run's directory")
+    with open(path) as f:
+        return from_json(f.read())
 
 
 def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
@@ -349,7 +350,7 @@ def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
     >>> evaluate("/nonexistent")
     Traceback (most recent call last):
     ...
-    ValueError: workdir '/nonexistent' has no config.json: it is not a training run's directory
+    mmjax.errors.UserError: workdir '/nonexistent' has no config.json: it is not a training run's directory
     """
     from mmjax.train.config import merge
 
@@ -357,14 +358,14 @@ def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
     if overrides:
         config = merge(config, overrides)
     config = prepare_config(config)
-    ckpt_dir = storage.join(storage.resolve(workdir), CHECKPOINT_DIR)
-    if not storage.path(ckpt_dir).is_dir() or not any(storage.path(ckpt_dir).iterdir()):
-        raise ValueError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
+    ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+        raise UserError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
     plan, task, _, _, state, ckpt, _ = _setup(config, workdir)
     latest = ckpt.latest_step()
     ckpt.close()
     if latest is None:
-        raise ValueError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
+        raise UserError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
     eval_step = plan.compile_eval_step(lambda p, b: task.eval_metrics(p, b, axis_name=plan.axis_name))
     placed = plan.from_canonical(state)
     metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))

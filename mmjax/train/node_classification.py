@@ -36,12 +36,20 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
 from mmjax import gnn
+from mmjax.errors import ConfigError
 from mmjax.graph import validate
-from mmjax.train.task import instantiate_model, resolve_named
+from mmjax.losses import softmax_cross_entropy, softmax_cross_entropy_sum
+from mmjax.train.task import (
+    check_label_smoothing,
+    constructor_keys,
+    instantiate_model,
+    resolve_named,
+    with_defaults,
+)
 
 #: Model names -> "module:Class".
 MODELS = {"gcn": "mmjax.graph_models:GCN"}
@@ -140,21 +148,63 @@ class NodeClassificationTask:
     unit = "graph"
     num_train_examples = 1
 
-    def __init__(self, config):
-        mode = config.parallel.mode
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        """The task's keys with their defaults (merged under the engine's by
+        :func:`mmjax.train.config.prepare_config`); one full-graph step per batch.
+
+        >>> c = NodeClassificationTask.default_config()
+        >>> c.model.name, c.data.name, c.batch_size
+        ('gcn', 'karate_club', 1)
+        """
+        c = ml_collections.ConfigDict()
+        c.model = ml_collections.ConfigDict({"name": "gcn"})  # name (a key of MODELS or "module:Class") + kwargs
+        c.data = ml_collections.ConfigDict({"name": "karate_club", "train_nodes": ()})  # () = the dataset's mask
+        c.label_smoothing = 0.0
+        c.batch_size = 1  # engine keys with this task's only valid value
+        c.eval_batch_size = 1
+        return c
+
+    @staticmethod
+    def model_keys(model_config) -> frozenset[str] | None:
+        """``config.model``'s valid keys: ``name`` and the model class's constructor fields.
+
+        >>> "hidden" in NodeClassificationTask.model_keys({"name": "gcn"})
+        True
+        """
+        name = model_config.get("name", None)
+        keys = constructor_keys(resolve_named(name, MODELS, "config.model.name", kind="name"))
+        return None if keys is None else keys | {"name"}
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Checks ``parallel.mode`` (``"single"``), ``batch_size`` and ``eval_batch_size`` (1) and
+        ``label_smoothing``; raises :class:`mmjax.errors.ConfigError`.
+
+        >>> NodeClassificationTask.check_config({"parallel": {"mode": "pmap"}})
+        Traceback (most recent call last):
+        ...
+        mmjax.errors.ConfigError: config.parallel.mode='pmap' is not supported by the node_classification task: it trains on one whole graph per step, which has no example axis to split over devices; use config.parallel.mode='single'
+        """
+        mode = config["parallel"]["mode"]
         if mode != "single":
-            raise ValueError(
+            raise ConfigError(
                 f"config.parallel.mode={mode!r} is not supported by the node_classification task: it "
                 "trains on one whole graph per step, which has no example axis to split over devices; "
                 "use config.parallel.mode='single'"
             )
         for key in ("batch_size", "eval_batch_size"):
             if config[key] != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"config.{key}={config[key]!r} is not valid for node_classification: each step is "
                     f"one full-graph step; set config.{key}=1 (and count steps with num_steps or "
                     "num_epochs)"
                 )
+        check_label_smoothing(config)
+
+    def __init__(self, config):
+        config = with_defaults(config, type(self))
+        self.check_config(config)
         data = load_dataset(config.data)
         self.graph, self.labels = data["graph"], data["labels"]
         self.train_mask, self.test_mask = data["train_mask"], data["test_mask"]
@@ -217,20 +267,18 @@ class NodeClassificationTask:
         del axis_name  # single mode only
         logits = self._logits(params, batch, train, rng)
         labels, m = batch["labels"], batch["train_mask"]
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
-        ce = optax.softmax_cross_entropy(logits, targets)
         count = jnp.maximum(jnp.sum(m), 1.0)
         accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * m) / count
-        return jnp.sum(ce * m) / count, {"accuracy": accuracy}
+        return softmax_cross_entropy(logits, labels, self.label_smoothing, where=m), {"accuracy": accuracy}
 
     def eval_metrics(self, params, batch, *, axis_name=None):
         """Sums of cross-entropy and correct predictions over the test nodes, and their count."""
         del axis_name
         logits = self._logits(params, batch, train=False)
         labels, m = batch["labels"], batch["test_mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return {"loss": jnp.sum(ce * m), "accuracy": jnp.sum(correct * m), "count": jnp.sum(m)}
+        loss_sum = softmax_cross_entropy_sum(logits, labels, where=m)
+        return {"loss": loss_sum, "accuracy": jnp.sum(correct * m), "count": jnp.sum(m)}
 
     # -- report -------------------------------------------------------------------------------------------------
     def final_report(self, params, workdir: str) -> dict:

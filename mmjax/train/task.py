@@ -1,9 +1,11 @@
 """The Task interface: what a task supplies so that one engine trains every kind of model.
 
 The engine (:mod:`mmjax.train.loop`) owns the optimizer, the parallel mode, the step loop, checkpoints and
-metrics. A *task* joins a model, a loss, metrics and data. Classification
-(:class:`mmjax.train.classification.ClassificationTask`) is the first one; graph classification and CLIP
-contrastive learning plug in the same way, without changes to the engine.
+metrics. A *task* joins a model, a loss, metrics and data. Three are built in (:data:`TASKS`): image (and
+image-graph) classification (:class:`mmjax.train.classification.ClassificationTask`), contrastive image-text
+training - CLIP, SigLIP, LiT (:class:`mmjax.train.contrastive.ContrastiveTask`) - and transductive node
+classification (:class:`mmjax.train.node_classification.NodeClassificationTask`); each plugs into the same engine,
+which knows none of them.
 
 Contract
 --------
@@ -45,8 +47,23 @@ A task is any object with these members (duck-typed; :class:`Task` spells them o
     Host-local evaluation batches, all of the same shape (pad the last one and mark padding in ``batch["mask"]``).
 
 ``num_train_examples -> int`` and ``example_count(batch) -> int``
-    Used for epochs and for throughput (images/s, graphs/s, pairs/s); ``example_count`` counts real examples in a
-    host batch (default: the leading dimension of the first leaf).
+    Used for epochs and for throughput (images/s, graphs/s, pairs/s): ``example_count`` counts the real examples in
+    a host training batch; the engine's throughput and progress bar count ``example_count(batch) *
+    jax.process_count()`` examples per step.
+
+Config (classmethods, called before the task is built)
+-------------------------------------------------------
+``default_config() -> ConfigDict``
+    The task's keys and sections with their defaults (e.g. ``model``, ``data``, ``label_smoothing``); the engine
+    merges them under its own (:func:`mmjax.train.config.prepare_config`), and a key that neither declares is an
+    error. A task without it accepts only the engine's keys.
+
+``model_keys(model_config) -> collection of str`` (optional)
+    The keys ``config.model`` may hold, usually ``{"name"}`` plus the model class's constructor fields
+    (:func:`constructor_keys`); without it, ``config.model`` is not checked before the task is built.
+
+``check_config(config)`` (optional)
+    Checks the task's values on the merged config; raises :class:`mmjax.errors.ConfigError`.
 
 Optional members
 ----------------
@@ -78,7 +95,7 @@ merges it) and masks the padding. ``example_count`` then returns the number of r
 Registering a task
 ------------------
 ``config.task`` names the task: a key of :data:`TASKS` or a ``"module.path:ClassName"``. The class is built as
-``Cls(config)`` and reads what it needs from ``config`` (``config.model``, ``config.data``, ...).
+``Cls(config)`` with the merged config and reads what it needs from it (``config.model``, ``config.data``, ...).
 A class whose constructor also takes ``workdir`` is built as ``Cls(config, workdir=...)`` by the engine: the run's
 directory (a local path or a URI, see :mod:`mmjax.train.storage`), for files that belong with the run.
 
@@ -89,10 +106,13 @@ directory (a local path or a URI, see :mod:`mmjax.train.storage`), for files tha
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
+
+from mmjax.errors import ConfigError
 
 #: Built-in tasks, name -> "module:attribute" (imported lazily). Adding a task is one line here, or pass a path.
 TASKS: dict[str, str] = {
@@ -145,14 +165,14 @@ def load_object(path: str, what: str = "object") -> Any:
     'OrderedDict'
     """
     if not isinstance(path, str) or ":" not in path:
-        raise ValueError(f"{what}: expected 'package.module:Attribute', got {path!r}")
+        raise ConfigError(f"{what}: expected 'package.module:Attribute', got {path!r}")
     module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{what}: cannot import module {module_name!r} from {path!r}: {e}") from e
+        raise ConfigError(f"{what}: cannot import module {module_name!r} from {path!r}: {e}") from e
     if not hasattr(module, attr):
-        raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r} (from {path!r})")
+        raise ConfigError(f"{what}: module {module_name!r} has no attribute {attr!r} (from {path!r})")
     return getattr(module, attr)
 
 
@@ -166,13 +186,62 @@ def resolve_named(name, table: dict, key: str, *, problem: str = "is not valid",
     >>> resolve_named("nope", {"od": "collections:OrderedDict"}, "config.x")
     Traceback (most recent call last):
     ...
-    ValueError: config.x='nope' is not valid; valid choices: ['od'] or a 'package.module:Class' path
+    mmjax.errors.ConfigError: config.x='nope' is not valid; valid choices: ['od'] or a 'package.module:Class' path
     """
     if name in table:
         return load_object(table[name], key)
     if isinstance(name, str) and ":" in name:
         return load_object(name, key)
-    raise ValueError(f"{key}={name!r} {problem}; valid choices: {sorted(table)} or a 'package.module:{kind}' path")
+    raise ConfigError(f"{key}={name!r} {problem}; valid choices: {sorted(table)} or a 'package.module:{kind}' path")
+
+
+def with_defaults(config, task_class) -> Any:
+    """``config`` merged over the engine's and ``task_class``'s defaults (what :func:`mmjax.train.prepare_config`
+    merges, without its checks): a task built directly from a partial config reads every key it declares.
+
+    >>> from mmjax.train.node_classification import NodeClassificationTask
+    >>> with_defaults({"model": {"hidden": 4}}, NodeClassificationTask).model.to_dict()
+    {'hidden': 4, 'name': 'gcn'}
+    """
+    from mmjax.train.config import default_config, merge, task_defaults
+
+    return merge(merge(default_config(), task_defaults(task_class)), config)
+
+
+def check_label_smoothing(config) -> None:
+    """Checks ``config.label_smoothing`` (a number in ``[0, 1)``) for the classification tasks.
+
+    >>> check_label_smoothing({"label_smoothing": 0.1})  # valid: returns None
+    >>> check_label_smoothing({"label_smoothing": 1.0})
+    Traceback (most recent call last):
+    ...
+    mmjax.errors.ConfigError: config.label_smoothing=1.0 is not valid; expected a number in [0, 1)
+    """
+    from mmjax.train.config import check_value, is_number
+
+    eps = config["label_smoothing"]
+    check_value(is_number(eps) and 0 <= eps < 1, "label_smoothing", eps, "a number in [0, 1)")
+
+
+def constructor_keys(cls) -> frozenset[str] | None:
+    """The keyword arguments ``cls(...)`` takes: a Flax module's (or any dataclass's) init fields without Flax's
+    ``parent`` and ``name``, else the parameters of its signature; ``None`` when it takes ``**kwargs`` (any key).
+
+    >>> import flax.linen as nn
+    >>> sorted(constructor_keys(nn.Dropout))
+    ['broadcast_dims', 'deterministic', 'rate', 'rng_collection']
+    >>> constructor_keys(dict) is None
+    True
+    """
+    if dataclasses.is_dataclass(cls):
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.init) - {"parent", "name"}
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def instantiate_model(cls, fields: dict, num_classes: int):
@@ -192,7 +261,7 @@ def instantiate_model(cls, fields: dict, num_classes: int):
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"config.model: cannot build {cls.__name__}(**{kwargs}): {e}") from e
+        raise ConfigError(f"config.model: cannot build {cls.__name__}(**{kwargs}): {e}") from e
 
 
 def resolve_task_class(name: str):

@@ -42,12 +42,10 @@ def tiny_config(**overrides) -> dict:
         "tensorboard": False,
         "plot": False,
     }
+    from mmjax.keypath import set_path
+
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_path(config, key, value)
     return config
 
 
