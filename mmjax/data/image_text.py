@@ -294,11 +294,18 @@ class FolderImageText(_SkipsCorrupt):
 
 
 def _prepared_copy(tfds, name: str, data_dir: str | None):
-    """A builder for ``data_dir/name[/config]/version`` read from its ``dataset_info.json``, or ``None``."""
-    root = os.path.join(os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets")), name)
-    if not os.path.isdir(root):
+    """A builder for ``data_dir/name[/config]/version`` read from its ``dataset_info.json``, or ``None``.
+
+    ``data_dir`` may be a URI (``gs://bucket/tensorflow_datasets``): it is read through ``etils.epath``.
+    """
+    from etils import epath
+
+    base = data_dir or os.path.join("~", "tensorflow_datasets")
+    root = epath.Path(base if "://" in base else os.path.expanduser(base)) / name
+    if not root.is_dir():
         return None
-    for dirpath, _, files in sorted(os.walk(root), reverse=True):  # the highest version first
+    found = [(os.fspath(d), files) for d, _, files in root.walk()]
+    for dirpath, files in sorted(found, reverse=True):  # the highest version first
         if "dataset_info.json" in files and ".incomplete" not in dirpath and "incomplete." not in dirpath:
             try:
                 return tfds.builder_from_directory(dirpath)
