@@ -8,16 +8,17 @@ of the *terms* that were summed, not of the result: a gradient entry that is a s
 A test of such an equality therefore makes two checks:
 
 * **the equality itself, in float64** (:func:`float64`, :func:`assert_float64_equal`): the same two computations on
-  float64 inputs and parameters under ``jax.enable_x64(True)`` (``jax.experimental.enable_x64`` before jax 0.9) agree to ``1e-10`` relative to the
-  magnitudes involved. A real bug (a wrong gradient, a missing ``psum``, a wrong mask) shows as a difference of
-  order one; float64 round-off stays near ``1e-14``;
+  float64 inputs and parameters under ``jax.enable_x64(True)`` (what older jax called
+  ``jax.experimental.enable_x64``) agree to ``1e-10`` relative to the magnitudes involved. A real bug (a wrong
+  gradient, a missing ``psum``, a wrong mask) shows as a difference of order one; float64 round-off stays near
+  ``1e-14``;
 * **float32 is fine** (:func:`assert_float32_close`): the float32 results agree within
   ``atol = SAFETY * EPS32 * terms * scale``, where ``scale`` is the magnitude of the summed terms (by default the
-  largest ``|value|`` of the compared array, or of all arrays of a tree when ``scale="tree"``) and ``terms`` is the
-  length of the longest chain of roundings between inputs and result (summands of the longest reduction, times
-  the depth of the network). Round-off of ``n`` summands is bounded by ``n * eps * sum|terms|`` (Higham,
-  *Accuracy and Stability of Numerical Algorithms*, section 4.2); its typical size is ``sqrt(n) * eps``, so this
-  bound holds with a wide margin and never flakes, while still failing for any error of algorithmic size.
+  largest ``|value|`` of the compared arrays, or of all arrays of a tree when ``scale="tree"``) and ``terms`` is
+  the growth of round-off along the longest chain of roundings: the depth of the computation times the length
+  ``n`` of its longest reduction, or ``sqrt(n)`` for long sums of terms of both signs. Round-off of ``n`` summands
+  is at most ``n * eps * sum|terms|`` (Higham, *Accuracy and Stability of Numerical Algorithms*, section 4.2) and
+  typically ``sqrt(n) * eps * max|terms|``; each test states its choice and its measured margin stays far below 1.
 
 Example:
     >>> import numpy as np
