@@ -1,18 +1,34 @@
 """CLIP ViT-B/16 at accelerator scale (TPU pod slice or multi-GPU hosts): the Fashion-MNIST job's recipe, grown up.
 
-Not run here (it needs accelerators and a prepared image-text dataset); ``tests`` only check that it builds.
+Not run here at full size (it needs accelerators and a prepared image-text dataset);
+``tests/test_remote_workdir.py`` runs this command for one step on CPU at a tiny size (widths, depths, batch and
+image size overridden), with a local stand-in for the bucket.
+
+Once, before the first run: put OpenAI's BPE vocabulary in the bucket (it ships in the ``open_clip_torch`` wheel) and
+install the Google Cloud filesystem packages on every host (``gcsfs`` for checkpoints, config and metrics through
+``etils.epath``; ``google-cloud-storage`` for TensorBoard's event files)::
+
+    pip download open_clip_torch --no-deps -d /tmp/oc
+    unzip -p /tmp/oc/open_clip_torch-*.whl open_clip/bpe_simple_vocab_16e6.txt.gz > bpe_simple_vocab_16e6.txt.gz
+    gsutil cp bpe_simple_vocab_16e6.txt.gz gs://BUCKET/
+    pip install gcsfs google-cloud-storage    # on every host
 
 Run, on every host of the slice (TPU pods, Slurm and Open MPI are detected automatically; elsewhere set
 ``MMJAX_COORDINATOR_ADDRESS=host0:port MMJAX_NUM_PROCESSES=N MMJAX_PROCESS_ID=i`` on each host, see
 :mod:`mmjax.train.distributed`)::
 
     mmjax train --config experiments/clip_b16_tpu.py --workdir gs://BUCKET/clip_b16 \\
-        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets \\
+        --config.model.bpe_path=gs://BUCKET/bpe_simple_vocab_16e6.txt.gz
+
+Everything the run writes goes to the ``--workdir`` bucket path (checkpoints through orbax, ``config.json``,
+``metrics.jsonl``, ``curves.png``, ``tensorboard/``); rerunning the same command resumes from its latest checkpoint.
 
 Data: ``coco_captions`` prepared as ArrayRecord (``tfds build coco_captions --file_format=array_record``), read with
 ``as_data_source`` (no TensorFlow at training time); each host reads its own ``1 / num_hosts`` share
 (``jax.process_index()``); a random one of the ~5 captions per image each step; CLIP's BPE tokenizer
-(``config.model.bpe_path``: a directory with ``vocab.json`` and ``merges.txt`` of an OpenAI CLIP checkpoint).
+(``config.model.bpe_path``, required: OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, or a Hugging Face CLIP tokenizer
+directory with ``vocab.json`` and ``merges.txt``; local or ``gs://``).
 Swap in a larger image-text set (e.g. a LAION/DataComp subset as a folder of images + captions.jsonl, data name
 ``"folder"``) for more than a demonstration: COCO's 118k images are far too few for ViT-B/16 from scratch.
 
@@ -50,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
             preset="ViT-B/16",
             dtype="bfloat16",
             tokenizer="bpe",
-            bpe_path="",
+            bpe_path="",  # required: --config.model.bpe_path=gs://BUCKET/bpe_simple_vocab_16e6.txt.gz (see above)
             image_size=224,
             context_length=77,
             remat=True,

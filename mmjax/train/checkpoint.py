@@ -15,19 +15,22 @@ expected one (same leaves, shapes and dtypes) first; a checkpoint that cannot be
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax.errors import UserError
+from mmjax.train import storage
+
 
 class Checkpointer:
     """Saves and restores the canonical train state under ``directory/<step>``.
 
     Args:
-      directory: where checkpoints live (created if missing).
+      directory: where checkpoints live (created if missing): a local path or a URI orbax writes to
+        (``gs://bucket/run/checkpoints``).
       keep: how many of the most recent checkpoints to keep (``>= 1``).
 
     >>> import tempfile, jax.numpy as jnp
@@ -43,7 +46,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3):
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"config.keep_checkpoints={keep!r} must be an int >= 1")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)  # a URI (gs://...) as given, a local path made absolute
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -63,7 +66,7 @@ class Checkpointer:
 
     def step_dir(self, step: int) -> str:
         """The directory holding checkpoint ``step``."""
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def save(self, step: int, state: Any) -> None:
         """Saves ``state`` (a pytree of arrays) as checkpoint ``step`` and waits until it is on disk."""
@@ -103,8 +106,8 @@ class Checkpointer:
             ) from e
         if saved is None:
             raise ValueError(f"checkpoint {path} has no metadata (corrupt?); delete it or use a fresh --workdir")
-        want = _describe(target)
-        have = _describe(saved)
+        want = _shapes(target)
+        have = _shapes(saved)
         if want != have:
             diffs = [
                 f"{k}: checkpoint {have.get(k)} vs run {want.get(k)}"
@@ -116,6 +119,17 @@ class Checkpointer:
                 + "; ".join(diffs[:8])
                 + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
                 + ". Use a fresh --workdir or the config the checkpoint was written with."
+            )
+        want_dtypes, have_dtypes = _dtypes(target), _dtypes(saved)
+        diffs = [k for k in sorted(want_dtypes) if have_dtypes.get(k, want_dtypes[k]) != want_dtypes[k]]
+        if diffs:  # orbax would silently cast: float32 Adam moments restored as bfloat16, say
+            raise UserError(
+                f"checkpoint {path} does not match this run's train state: "
+                + "; ".join(
+                    f"{k} was saved as {have_dtypes[k]} but this run expects {want_dtypes[k]}" for k in diffs[:8]
+                )
+                + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
+                + ". Use the config the checkpoint was written with (its dtypes), or a fresh --workdir."
             )
 
     def close(self) -> None:
@@ -131,10 +145,20 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _describe(tree: Any) -> dict:
-    out = {}
+def _leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+    out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        shape = tuple(getattr(leaf, "shape", ()) or ())
-        out[key] = shape
+        out.append(("/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path), leaf))
     return out
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """``{"a/b": shape}`` of a tree of arrays, ``ShapeDtypeStruct`` or orbax metadata."""
+    return {key: tuple(getattr(leaf, "shape", ()) or ()) for key, leaf in _leaf_paths(tree)}
+
+
+def _dtypes(tree: Any) -> dict[str, str]:
+    """``{"a/b": dtype name}`` of the leaves that have a dtype (``"float32"``, ``"bfloat16"``, ...)."""
+    return {
+        key: np.dtype(leaf.dtype).name for key, leaf in _leaf_paths(tree) if getattr(leaf, "dtype", None) is not None
+    }

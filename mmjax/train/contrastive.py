@@ -30,8 +30,11 @@ Options (``config.contrastive``):
 Model (``config.model``): any :class:`mmjax.clip.CLIPConfig` fields, optionally starting from ``preset`` (a name in
 :data:`mmjax.clip.CONFIGS`), plus ``dtype`` (``"float32"`` or ``"bfloat16"``: compute dtype; parameters, embeddings,
 logits and the loss stay float32) and ``tokenizer`` (``"word"``: :class:`mmjax.tokenizer.WordTokenizer` built from the
-training captions, which also sets ``vocab_size`` and ``eot_id``; or ``"bpe"`` with ``bpe_path``, a directory with
-CLIP's ``vocab.json`` and ``merges.txt``). ``remat=True`` rematerialises every encoder block.
+training captions at a run's first start and saved with the run as ``workdir/vocab.json``, which a resumed run and
+``mmjax eval`` read back, so the ids never depend on the data at hand; it also sets ``vocab_size`` and ``eot_id``; or
+``"bpe"`` with ``bpe_path``: OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` or a directory with CLIP's ``vocab.json`` and
+``merges.txt``, local or ``gs://``; ``vocab_size`` and ``eot_id`` then default to the tokenizer's). ``remat=True``
+rematerialises every encoder block.
 
 Data (``config.data``): ``name`` is ``"fashion_mnist_captions"`` (:mod:`mmjax.data.captions`; evaluation adds
 zero-shot accuracies, also on the held-out colour/item combinations), ``"folder"`` (``data_dir`` with images and a
@@ -74,12 +77,16 @@ import optax
 
 from mmjax.clip import CLIP, CLIPConfig, get_config
 from mmjax.data import image_text
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 from mmjax.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
 from mmjax.tokenizer import CLIPTokenizer, WordTokenizer
+from mmjax.train import storage
 from mmjax.train.parallel import split_micro_batches
 
-__all__ = ["ContrastiveTask", "grad_cache", "frozen_labels", "freeze", "FROZEN_IMAGE_TOWER"]
+__all__ = ["ContrastiveTask", "grad_cache", "frozen_labels", "freeze", "read_vocab", "FROZEN_IMAGE_TOWER", "VOCAB_FILE"]
+
+#: The run's word vocabulary, in ``workdir`` (see :meth:`ContrastiveTask._word_tokenizer`).
+VOCAB_FILE = "vocab.json"
 
 #: Parameter paths (regex on "a/b/c") of the image tower that ``freeze_image_tower`` locks.
 FROZEN_IMAGE_TOWER = r"(vision|visual_projection)(/.*)?"
@@ -241,6 +248,70 @@ def _per_channel(key: str, value) -> np.ndarray:
     return arr
 
 
+def read_vocab(path: str) -> WordTokenizer:
+    """The word tokenizer saved in ``path`` (a run's ``vocab.json``: a JSON list of the words after the specials).
+
+    Raises:
+      UserError: if the file is not such a list (naming the file and what to do).
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), VOCAB_FILE)
+    >>> _ = open(path, "w").write(WordTokenizer.from_texts(["a red shirt"]).to_json())
+    >>> read_vocab(path).vocab_size
+    7
+    >>> _ = open(path, "w").write('["a", "red"')  # cut short
+    >>> read_vocab(path)
+    Traceback (most recent call last):
+    ...
+    mmjax.errors.UserError: ...vocab.json is not a word vocabulary saved by mmjax (...
+    """
+    problem = None
+    try:
+        words = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"it is not valid JSON: {e}"
+    else:
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            problem = f"expected a JSON list of words, got {type(words).__name__}"
+    if problem is None:
+        try:
+            return WordTokenizer(words)
+        except ValueError as e:
+            problem = str(e)
+    raise UserError(
+        f"{path} is not a word vocabulary saved by mmjax ({problem}). It fixes the token ids the run's checkpoints "
+        f"were trained with: restore it from a copy of the run; deleting it rebuilds it from the training captions, "
+        "which gives other ids if they changed since (then use a fresh --workdir)"
+    )
+
+
+def _bpe_tokenizer(bpe_path) -> CLIPTokenizer:
+    """:class:`mmjax.tokenizer.CLIPTokenizer` from ``config.model.bpe_path``: a local path or a URI (``gs://``...),
+    which is copied to a local temporary directory first."""
+    if not bpe_path:
+        raise ConfigError(
+            "config.model.tokenizer='bpe' needs config.model.bpe_path: OpenAI's bpe_simple_vocab_16e6.txt.gz (it "
+            "ships in the open_clip_torch wheel: open_clip/bpe_simple_vocab_16e6.txt.gz) or a Hugging Face CLIP "
+            "tokenizer directory (vocab.json + merges.txt); a gs:// path works too"
+        )
+    if not storage.is_uri(bpe_path):
+        return CLIPTokenizer.from_pretrained(bpe_path)
+    import tempfile
+
+    remote = storage.path(bpe_path)
+    if not remote.exists():
+        raise ConfigError(f"config.model.bpe_path={bpe_path!r} does not exist")
+    with tempfile.TemporaryDirectory(prefix="mmjax-bpe-") as local:
+        names = ["vocab.json", "merges.txt"] if remote.is_dir() else [None]
+        target = local
+        for name in names:
+            source = remote / name if name else remote
+            target = os.path.join(local, name or remote.name)
+            with open(target, "wb") as f:
+                f.write(source.read_bytes())
+        return CLIPTokenizer.from_pretrained(local if remote.is_dir() else target)
+
+
 class ContrastiveTask:
     """Trains a :class:`mmjax.clip.CLIP` with a contrastive loss (see the module docstring for the options).
 
@@ -306,8 +377,9 @@ class ContrastiveTask:
         del model_config
         return tuple(f.name for f in dataclasses.fields(CLIPConfig)) + _MODEL_KEYS
 
-    def __init__(self, config):
+    def __init__(self, config, workdir: str | None = None):
         self.config = config
+        self.workdir = workdir  # the run's directory: the word vocabulary is saved there (VOCAB_FILE)
         self.opts = _section(config, "contrastive", _CONTRASTIVE_DEFAULTS)
         self.data_cfg = d = _section(config, "data", _DATA_DEFAULTS)
         _check_choice("contrastive.loss", self.opts.loss, LOSSES)
@@ -391,16 +463,20 @@ class ContrastiveTask:
         _check_choice("model.tokenizer", kind, ("word", "bpe"))
         fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _MODEL_KEYS}
         if kind == "word":
-            texts = self.vocab_texts
-            if texts is None:
-                texts = self.train_source.all_captions(int(self.data_cfg.vocab_examples))
-            self.tokenizer = WordTokenizer.from_texts(texts)
+            self.tokenizer = self._word_tokenizer()
             fields.update(vocab_size=self.tokenizer.vocab_size, eot_id=self.tokenizer.eot_id)
             fields.setdefault("text_pooling", "eot")
         else:
-            if not m.get("bpe_path"):
-                raise ValueError("config.model.tokenizer='bpe' needs config.model.bpe_path (vocab.json + merges.txt)")
-            self.tokenizer = CLIPTokenizer.from_pretrained(m["bpe_path"])
+            self.tokenizer = _bpe_tokenizer(m.get("bpe_path"))
+            given = fields.get("vocab_size", get_config(m["preset"]).vocab_size if m.get("preset") else None)
+            if given is not None and int(given) < self.tokenizer.vocab_size:
+                raise ConfigError(
+                    f"config.model.vocab_size={given} is smaller than the BPE vocabulary of "
+                    f"config.model.bpe_path={m['bpe_path']!r} ({self.tokenizer.vocab_size} ids); "
+                    f"set config.model.vocab_size={self.tokenizer.vocab_size}"
+                )
+            fields.setdefault("vocab_size", self.tokenizer.vocab_size)  # the text tower's rows: the tokenizer's ids
+            fields.setdefault("eot_id", self.tokenizer.eot_id)
         fields.setdefault("image_size", int(self.data_cfg.image_size))
         if int(fields["image_size"]) != int(self.data_cfg.image_size):
             raise ValueError(
@@ -414,6 +490,21 @@ class ContrastiveTask:
             raise ValueError(f"config.model: {e}; valid keys: CLIPConfig fields and {list(_MODEL_KEYS)}") from e
         self.context_length = self.clip_config.context_length
         self.model = CLIP(self.clip_config, dtype=_dtype(m.get("dtype", "float32")))
+
+    def _word_tokenizer(self) -> WordTokenizer:
+        """The run's word vocabulary: read from ``workdir/vocab.json`` when the run has saved one (resume,
+        ``mmjax eval``), else built from the training captions and saved there (atomically, by process 0), so that
+        a checkpoint never depends on the data it was trained from."""
+        saved = storage.join(storage.resolve(self.workdir), VOCAB_FILE) if self.workdir is not None else None
+        if saved is not None and storage.exists(saved):
+            return read_vocab(saved)
+        texts = self.vocab_texts
+        if texts is None:
+            texts = self.train_source.all_captions(int(self.data_cfg.vocab_examples))
+        tokenizer = WordTokenizer.from_texts(texts)
+        if saved is not None and jax.process_index() == 0:
+            storage.write_text(saved, tokenizer.to_json() + "\n")
+        return tokenizer
 
     def _host_batch(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "caption"}

@@ -1,9 +1,10 @@
 """Multi-process (multi-host) setup: ``jax.distributed.initialize`` from the config or the environment.
 
 Every process runs the same command; process ``i`` of ``n`` sees its own local devices, and ``jax.devices()`` lists
-all ``n`` processes' devices. The engine's ``"sharded"`` mode then spans all of them (``"pmap"`` stays per host with
-gradients averaged over every device): each process reads its own share of the data (``jax.process_index()``), a
-batch of ``global_batch // n`` examples, and ``jax.make_array_from_process_local_data`` assembles the global batch.
+all ``n`` processes' devices. The engine's ``"sharded"`` and ``"pmap"`` modes then span all of them (the same global
+device list on every process; ``config.parallel.num_devices`` counts all processes' devices and takes the same number
+from each): each process reads its own share of the data (``jax.process_index()``), a batch of ``global_batch // n``
+examples, which fills its own devices (``jax.make_array_from_process_local_data`` assembles the global batch).
 On CPU the collectives between processes go over gloo (``jax_cpu_collectives_implementation="gloo"``).
 
 Settings, first found wins, per field:

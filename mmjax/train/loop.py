@@ -12,7 +12,9 @@
 6. evaluate, save the curve plot and return the final metrics.
 
 Outputs in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``,
-``curves.png``.
+``curves.png``, and what the task saves with the run (the contrastive task's word vocabulary, ``vocab.json``).
+``workdir`` is a local path or a URI that orbax and ``etils.epath`` write to (``gs://bucket/run``;
+see :mod:`mmjax.train.storage`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmjax.errors import UserError
+from mmjax.train import storage
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import from_json, prepare_config, to_json
 from mmjax.train.distributed import StopAgreement
@@ -143,7 +146,7 @@ def _setup(config, workdir: str):
     accum = config.optimizer.grad_accum_steps
     plan.check_batch_size(config.batch_size, accum)
     plan.check_batch_size(config.eval_batch_size, 1, "config.eval_batch_size")
-    task = make_task(config)
+    task = make_task(config, workdir)  # a task may keep files with the run (e.g. a vocabulary)
     total_steps = _total_steps(config, task)
     first = next(iter(task.train_batches(0)))
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -173,11 +176,8 @@ def _evaluate(task, plan: Plan, eval_step, placed_params) -> dict[str, float]:
 
 
 def _write_config(config, workdir: str) -> None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"  # unique: several processes of a multi-host run share the workdir
-    with open(tmp, "w") as f:
-        f.write(to_json(config))
-    os.replace(tmp, path)
+    # atomic, with a temporary name unique to the process: several processes of a multi-host run share the workdir
+    storage.write_text(storage.join(workdir, CONFIG_FILE), to_json(config))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -211,8 +211,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     watch = Stopwatch()
     config = prepare_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.resolve(workdir)  # a URI (gs://bucket/run) as given, a local path made absolute
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     plan, task, tx, schedule, state, ckpt, total_steps = _setup(config, workdir)
     start_step = int(state.step)
@@ -303,7 +303,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
                     params = multihost_utils.process_allgather(params, tiled=True)
                 if jax.process_index() == 0:
-                    eval_metrics.update(task.final_report(params, workdir))
+                    # the task writes with local file APIs: staged locally and copied up when workdir is remote
+                    eval_metrics.update(storage.call_staged(lambda local: task.final_report(params, local), workdir))
     finally:
         logger.close(plot=config.plot)
         ckpt.close()
@@ -334,11 +335,10 @@ def load_config(workdir: str):
     >>> load_config(workdir).batch_size
     64
     """
-    path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(storage.resolve(workdir), CONFIG_FILE)
+    if not storage.exists(path):
         raise UserError(f"workdir {workdir!r} has no {CONFIG_FILE}: it is not a training run's directory")
-    with open(path) as f:
-        return from_json(f.read())
+    return from_json(storage.read_text(path))
 
 
 def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
@@ -358,8 +358,8 @@ def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
     if overrides:
         config = merge(config, overrides)
     config = prepare_config(config)
-    ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+    ckpt_dir = storage.join(storage.resolve(workdir), CHECKPOINT_DIR)
+    if not storage.path(ckpt_dir).is_dir() or not any(storage.path(ckpt_dir).iterdir()):
         raise UserError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
     plan, task, _, _, state, ckpt, _ = _setup(config, workdir)
     latest = ckpt.latest_step()
