@@ -120,6 +120,12 @@ def test_config_typos_exit_2_with_the_closest_key(tmp_path, capsys):
     assert code == 2 and "did you mean crop_padding" in capsys.readouterr().err
 
 
+def test_a_bad_dataset_name_is_a_user_error(tmp_path, capsys):
+    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "w"), "--config.data.name=''"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.data.name='' is not valid" in err and "Traceback" not in err
+
+
 def test_bugs_show_their_traceback_and_exit_1(tmp_path, capsys):
     buggy = tmp_path / "buggy.py"  # a ValueError that is no user error: a bug in the code the config runs
     buggy.write_text("def get_config():\n    return int('not a number')\n")

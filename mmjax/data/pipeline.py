@@ -30,6 +30,8 @@ import grain
 import jax
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 EMBEDDED = ("fashion_mnist",)
 
 
@@ -134,7 +136,7 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     >>> load_source("", "train")
     Traceback (most recent call last):
     ...
-    ValueError: config.data.name='' is not valid; valid choices: ['fashion_mnist'] or a TFDS name
+    mmjax.errors.ConfigError: config.data.name='' is not valid; valid choices: ['fashion_mnist'] or a TFDS name
     """
     if name == "fashion_mnist":
         from mmjax.data import fashion_mnist
@@ -150,7 +152,7 @@ def load_source(name: str, split: str, data_dir: str | None = None):
             except (FileNotFoundError, ValueError, ImportError):
                 raise idx_error from None
     if not isinstance(name, str) or not name:
-        raise ValueError(f"config.data.name={name!r} is not valid; valid choices: {list(EMBEDDED)} or a TFDS name")
+        raise ConfigError(f"config.data.name={name!r} is not valid; valid choices: {list(EMBEDDED)} or a TFDS name")
     return tfds_source(name, split, data_dir)
 
 
