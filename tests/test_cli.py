@@ -126,6 +126,21 @@ def test_a_bad_dataset_name_is_a_user_error(tmp_path, capsys):
     assert code == 2 and "config.data.name='' is not valid" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.parallel.mode=pmap --config.batch_size=7", "config.batch_size=7 is not divisible"),  # parallel
+        ("--config.parallel.mode=pmap --config.parallel.num_devices=9", "num_devices"),  # more devices than exist
+        ("--config.data.data_dir=/nonexistent/fmnist", "/nonexistent/fmnist"),  # mmjax.data.fashion_mnist
+    ],
+)
+def test_engine_and_data_errors_are_user_errors(tmp_path, capsys, override, message):
+    """Settings the engine and the data readers refuse exit 2 with one line, not a traceback (a bug's exit 1)."""
+    code = main(["train", "--config", QUICK, "--workdir", str(tmp_path / "w"), *override.split()])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_bugs_show_their_traceback_and_exit_1(tmp_path, capsys):
     buggy = tmp_path / "buggy.py"  # a ValueError that is no user error: a bug in the code the config runs
     buggy.write_text("def get_config():\n    return int('not a number')\n")

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mmjax.data.fashion_mnist import load_fashion_mnist
+from mmjax.errors import UserError
 
 __all__ = [
     "ITEM_NAMES",
@@ -165,7 +166,7 @@ def _check_combos(combos):
     combos = [tuple(c) for c in combos]
     for c in combos:
         if len(c) != 2 or c[0] not in COLOUR_NAMES or c[1] not in ITEM_NAMES:
-            raise ValueError(
+            raise UserError(
                 f"held-out combination {c!r} must be (colour, item) with colour in {COLOUR_NAMES} and item in "
                 f"{ITEM_NAMES}."
             )
@@ -219,7 +220,7 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
     if items.ndim == 4 and items.shape[-1] == 1:
         items = items[..., 0]
     if items.ndim != 3:
-        raise ValueError(f"items must be grey images [N, h, w] or [N, h, w, 1], got shape {items.shape}.")
+        raise UserError(f"items must be grey images [N, h, w] or [N, h, w, 1], got shape {items.shape}.")
     n = items.shape[0]
     attrs = {}
     for name, values, names in (
@@ -229,12 +230,12 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
     ):
         values = np.asarray(values)
         if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"{name} must be int [{n}] (one per item), got {values.dtype} {values.shape}.")
+            raise UserError(f"{name} must be int [{n}] (one per item), got {values.dtype} {values.shape}.")
         if n and (values.min() < 0 or values.max() >= len(names)):
-            raise ValueError(f"{name} indices must lie in [0, {len(names)}), got [{values.min()}, {values.max()}].")
+            raise UserError(f"{name} indices must lie in [0, {len(names)}), got [{values.min()}, {values.max()}].")
         attrs[name] = values
     if int(image_size) < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
+        raise UserError(f"image_size must be at least 16 pixels, got {image_size}.")
     canvas = np.zeros((n, image_size, image_size, 3), np.uint8)
     # tint[c, v] = round(v / 255 * COLOUR_RGB[c]) for every grey level v: one gather colours a whole group
     tint = np.rint(np.arange(256, dtype=np.float32)[None, :, None] * (COLOUR_RGB[:, None, :] / 255.0))
@@ -264,11 +265,11 @@ def _source(split, data_dir, source):
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"source images must be uint8 [N, h, w], got {images.dtype} {images.shape}.")
+        raise UserError(f"source images must be uint8 [N, h, w], got {images.dtype} {images.shape}.")
     if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"source labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}.")
+        raise UserError(f"source labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}.")
     if labels.size and (labels.min() < 0 or labels.max() >= len(ITEM_NAMES)):
-        raise ValueError(f"source labels must lie in [0, {len(ITEM_NAMES)}), got [{labels.min()}, {labels.max()}].")
+        raise UserError(f"source labels must lie in [0, {len(ITEM_NAMES)}), got [{labels.min()}, {labels.max()}].")
     return images, labels.astype(np.int64)
 
 
@@ -310,9 +311,9 @@ def make_captions(
     (['red', 'sneaker'], (2, 64, 64, 3))
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not valid; choose one of {sorted(SPLITS)}.")
+        raise UserError(f"split={split!r} is not valid; choose one of {sorted(SPLITS)}.")
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 0):
-        raise ValueError(f"num_examples must be a non-negative int or None, got {num_examples!r}.")
+        raise UserError(f"num_examples must be a non-negative int or None, got {num_examples!r}.")
     combos = _check_combos(heldout)
     held = np.zeros((len(ITEM_NAMES), len(COLOUR_NAMES)), bool)
     for c, i in combos:
@@ -323,7 +324,7 @@ def make_captions(
     rng = np.random.default_rng([int(seed), SPLITS[split][1]])
     pool = np.flatnonzero(allowed.any(axis=1)[labels])
     if pool.size == 0 and num_examples != 0:
-        raise ValueError(
+        raise UserError(
             f"split {split!r} has no usable source image: no label of the {len(labels)} source images has an "
             f"allowed colour (held-out combinations: {combos})."
         )

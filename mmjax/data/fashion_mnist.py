@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from mmjax.errors import UserError
+
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
@@ -66,9 +68,9 @@ def read_idx(path: str) -> np.ndarray:
         with _open(path) as f:
             raw = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"IDX file {path} is corrupt or truncated ({type(e).__name__}: {e}); re-download it") from e
+        raise UserError(f"IDX file {path} is corrupt or truncated ({type(e).__name__}: {e}); re-download it") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise ValueError(
+        raise UserError(
             f"IDX file {path} has a bad magic number {raw[:4].hex() if raw else '(empty file)'}; "
             "expected 0000<dtype 08..0e><ndim>: the file is corrupt or not IDX"
         )
@@ -76,11 +78,11 @@ def read_idx(path: str) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"IDX file {path} is truncated: {len(raw)} bytes, header alone needs {header}")
+        raise UserError(f"IDX file {path} is truncated: {len(raw)} bytes, header alone needs {header}")
     shape = tuple(int(x) for x in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(
+        raise UserError(
             f"IDX file {path} is corrupt or truncated: {len(raw)} bytes, but its header {shape} ({dtype}) "
             f"needs {expected}; re-download it"
         )
@@ -97,7 +99,7 @@ def write_idx(path: str, array: np.ndarray) -> None:
     """
     array = np.asarray(array)
     if array.dtype != np.uint8:
-        raise ValueError(f"write_idx: array dtype must be uint8, got {array.dtype}")
+        raise UserError(f"write_idx: array dtype must be uint8, got {array.dtype}")
     data = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wb") as f:
@@ -125,7 +127,7 @@ def find_files(split: str, data_dir: str | None = None) -> tuple[str, str]:
     FileNotFoundError: Fashion-MNIST train files (...) not found in data_dir='/nonexistent': install it with ...
     """
     if split not in SPLITS:
-        raise ValueError(f"Fashion-MNIST split={split!r} is not valid; valid choices: {sorted(SPLITS)}")
+        raise UserError(f"Fashion-MNIST split={split!r} is not valid; valid choices: {sorted(SPLITS)}")
     prefix = SPLITS[split][0]
     dirs = [data_dir] if data_dir else [DEBIAN_DIR]
     for d in dirs:
@@ -163,11 +165,11 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"IDX file {images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
+        raise UserError(f"IDX file {images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"IDX files {images_path} and {labels_path} disagree: {images.shape[0]} images vs labels {labels.shape}"
         )
     if labels.size and labels.max() >= NUM_CLASSES:
-        raise ValueError(f"IDX file {labels_path}: label {int(labels.max())} out of range [0, {NUM_CLASSES})")
+        raise UserError(f"IDX file {labels_path}: label {int(labels.max())} out of range [0, {NUM_CLASSES})")
     return images[..., None], labels.astype(np.int32)

@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from mmjax.data.pipeline import HostShare, padded_eval_batches, stack_records
+from mmjax.errors import UserError
 from mmjax.preprocess import center_crop, resize_shortest_side
 
 __all__ = [
@@ -79,7 +80,7 @@ def decode_image(image: Any, image_size: int | None = None) -> np.ndarray:
         if arr.dtype == object and arr.ndim == 0:  # a TFDS bytes scalar
             return decode_image(arr.item(), image_size)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-            raise ValueError(
+            raise UserError(
                 f"image must be uint8 [H, W], [H, W, 1|3|4], encoded bytes or a path; got dtype {arr.dtype} and "
                 f"shape {arr.shape}."
             )
@@ -131,7 +132,7 @@ class _SkipsCorrupt:
             except (OSError, ValueError, KeyError, SyntaxError) as e:  # PIL raises OSError/SyntaxError
                 self.corrupt.add(j)
                 errors.append(f"{self._describe(j)}: {type(e).__name__}: {e}")
-        raise ValueError(
+        raise UserError(
             f"{type(self).__name__}: no readable example found from index {i} ({len(self.corrupt)} corrupt so far); "
             f"first errors: {errors[:3]}"
         )
@@ -171,19 +172,17 @@ class ArrayImageText(_SkipsCorrupt):
     def __init__(self, images, captions: Sequence, **extras):
         images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
+            raise UserError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
         n = images.shape[0]
         if len(captions) != n:
-            raise ValueError(
-                f"captions has {len(captions)} entries but images has {n}; give one (or a list) per image."
-            )
+            raise UserError(f"captions has {len(captions)} entries but images has {n}; give one (or a list) per image.")
         self.images = images
         self.captions = [_as_captions(c) for c in captions]
         self.extras = {}
         for name, values in extras.items():
             values = np.asarray(values)
             if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
-                raise ValueError(f"extra {name!r} must be int [{n}], got {values.dtype} {values.shape}.")
+                raise UserError(f"extra {name!r} must be int [{n}], got {values.dtype} {values.shape}.")
             self.extras[name] = values.astype(np.int32)
         self.corrupt: set[int] = {i for i, c in enumerate(self.captions) if not c}
 
@@ -192,7 +191,7 @@ class ArrayImageText(_SkipsCorrupt):
 
     def _read(self, i: int) -> dict:
         if not self.captions[i]:
-            raise ValueError("no caption")
+            raise UserError("no caption")
         return {"image": self.images[i], "captions": self.captions[i], **{k: int(v[i]) for k, v in self.extras.items()}}
 
     def all_captions(self) -> list[str]:
@@ -209,7 +208,7 @@ def _read_caption_file(path: str) -> list[tuple[str, tuple[str, ...]]]:
         for k in keys:
             if k in record and record[k] not in (None, ""):
                 return record[k]
-        raise ValueError(f"{path}:{line}: needs one of the fields {keys}, got {sorted(record)}")
+        raise UserError(f"{path}:{line}: needs one of the fields {keys}, got {sorted(record)}")
 
     with open(path, newline="", encoding="utf-8") as f:
         if path.endswith((".jsonl", ".json")):
@@ -218,14 +217,14 @@ def _read_caption_file(path: str) -> list[tuple[str, tuple[str, ...]]]:
                     try:
                         record = json.loads(text)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line}: not valid JSON ({e})") from e
+                        raise UserError(f"{path}:{line}: not valid JSON ({e})") from e
                     rows.append((str(pick(record, image_keys, line)), _as_captions(pick(record, caption_keys, line))))
         elif path.endswith((".csv", ".tsv")):
             reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
             for line, record in enumerate(reader, 2):
                 rows.append((str(pick(record, image_keys, line)), _as_captions(pick(record, caption_keys, line))))
         else:
-            raise ValueError(f"captions file {path!r} must end in .jsonl, .json (JSON lines), .csv or .tsv")
+            raise UserError(f"captions file {path!r} must end in .jsonl, .json (JSON lines), .csv or .tsv")
     return rows
 
 
@@ -252,23 +251,23 @@ class FolderImageText(_SkipsCorrupt):
 
     def __init__(self, root: str, captions_file: str | None = None, image_size: int = 224):
         if not os.path.isdir(root):
-            raise ValueError(f"config.data.data_dir={root!r} is not a directory of images.")
+            raise UserError(f"config.data.data_dir={root!r} is not a directory of images.")
         if captions_file is None:
             for name in ("captions.jsonl", "captions.csv"):
                 if os.path.exists(os.path.join(root, name)):
                     captions_file = os.path.join(root, name)
                     break
             else:
-                raise ValueError(f"{root!r} has no captions.jsonl or captions.csv; pass captions_file.")
+                raise UserError(f"{root!r} has no captions.jsonl or captions.csv; pass captions_file.")
         elif not os.path.isabs(captions_file) and not os.path.exists(captions_file):
             captions_file = os.path.join(root, captions_file)
         if not os.path.isfile(captions_file):
-            raise ValueError(f"captions file {captions_file!r} does not exist.")
+            raise UserError(f"captions file {captions_file!r} does not exist.")
         merged: dict[str, list[str]] = {}
         for image, caps in _read_caption_file(captions_file):
             merged.setdefault(image, []).extend(caps)
         if not merged:
-            raise ValueError(f"captions file {captions_file!r} lists no images.")
+            raise UserError(f"captions file {captions_file!r} lists no images.")
         self.root, self.image_size = root, int(image_size)
         self.files = list(merged)
         self.captions = [tuple(c) for c in merged.values()]
@@ -282,7 +281,7 @@ class FolderImageText(_SkipsCorrupt):
 
     def _read(self, i: int) -> dict:
         if not self.captions[i]:
-            raise ValueError("no caption")
+            raise UserError("no caption")
         return {
             "image": decode_image(os.path.join(self.root, self.files[i]), self.image_size),
             "captions": self.captions[i],
@@ -379,10 +378,10 @@ class TFDSImageText(_SkipsCorrupt):
                 f"`tfds build {name} --file_format=array_record` (needs network) or pass config.data.data_dir"
             )
         if split not in builder.info.splits:
-            raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}")
+            raise UserError(f"TFDS dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}")
         features = builder.info.features
         if image_key.split("/")[0] not in features or caption_key.split("/")[0] not in features:
-            raise ValueError(
+            raise UserError(
                 f"TFDS dataset {name!r} has features {list(features)}; config.data.image_key={image_key!r} and "
                 f"config.data.caption_key={caption_key!r} must name them"
             )
@@ -397,10 +396,10 @@ class TFDSImageText(_SkipsCorrupt):
         try:
             record = self.source[i]
         except Exception as e:  # a record whose image fails to decode inside TFDS
-            raise ValueError(f"record {i} cannot be read: {type(e).__name__}: {e}") from e
+            raise UserError(f"record {i} cannot be read: {type(e).__name__}: {e}") from e
         captions = _as_captions(_lookup(record, self.caption_key))
         if not captions:
-            raise ValueError("no caption")
+            raise UserError("no caption")
         return {"image": decode_image(_lookup(record, self.image_key), self.image_size), "captions": captions}
 
     def all_captions(self, limit: int | None = None) -> list[str]:
@@ -496,11 +495,11 @@ class _GroupedOrder:
         for level, (name, values, g) in enumerate(keys):
             values = np.asarray(values)
             if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
-                raise ValueError(f"{name} must be int [{n}] (one id per example), got {values.dtype} {values.shape}.")
+                raise UserError(f"{name} must be int [{n}] (one id per example), got {values.dtype} {values.shape}.")
             fewest = self._fewest(self.tree, level, values)
             if not isinstance(g, (int, np.integer)) or not 1 <= g <= fewest or local % (total * g):
                 per = "group" if level else "batch"
-                raise ValueError(
+                raise UserError(
                     f"{name}_per_{per}={g!r} must be an int in [1, {fewest}] (the {name} available per {per}) such "
                     f"that the per-host batch {local} divides into whole groups; pick smaller or dividing values."
                 )

@@ -30,7 +30,7 @@ import grain
 import jax
 import numpy as np
 
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 
 EMBEDDED = ("fashion_mnist",)
 
@@ -46,9 +46,9 @@ class ArraySource:
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         images, labels = np.asarray(images), np.asarray(labels)
         if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"ArraySource: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+            raise UserError(f"ArraySource: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"ArraySource: labels must have shape ({images.shape[0]},), got {labels.shape}")
+            raise UserError(f"ArraySource: labels must have shape ({images.shape[0]},), got {labels.shape}")
         self.images, self.labels = images, labels.astype(np.int32)
 
     def __len__(self) -> int:
@@ -99,7 +99,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # DatasetNotFoundError and friends
-        raise ValueError(
+        raise UserError(
             f"config.data.name={name!r}: not a TFDS dataset ({type(e).__name__}); valid choices: "
             f"{list(EMBEDDED)} or a TFDS image-classification dataset name"
         ) from e
@@ -111,15 +111,15 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
         )
     features = builder.info.features
     if "image" not in features or "label" not in features:
-        raise ValueError(f"TFDS dataset {name!r} has features {list(features)}; need 'image' and 'label'")
+        raise UserError(f"TFDS dataset {name!r} has features {list(features)}; need 'image' and 'label'")
     if split not in builder.info.splits:
-        raise ValueError(
+        raise UserError(
             f"config.data: TFDS dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}"
         )
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:
-        raise ValueError(
+        raise UserError(
             f"TFDS dataset {name!r} in {builder.data_dir} cannot be read as a data source ({e}); it must be "
             "prepared with file_format='array_record'"
         ) from e
@@ -217,14 +217,14 @@ class HostShare:
         self.process_index = jax.process_index() if process_index is None else int(process_index)
         self.process_count = jax.process_count() if process_count is None else int(process_count)
         if not 0 <= self.process_index < self.process_count:
-            raise ValueError(
+            raise UserError(
                 f"process_index={self.process_index} must be in [0, process_count={self.process_count}); pass the "
                 "index of this host (jax.process_index())."
             )
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"{name}={batch_size!r} must be a positive int (the global batch size).")
+            raise UserError(f"{name}={batch_size!r} must be a positive int (the global batch size).")
         if batch_size % self.process_count:
-            raise ValueError(
+            raise UserError(
                 f"{name}={batch_size} is not divisible by the number of hosts ({self.process_count}); use a "
                 f"multiple of {self.process_count}."
             )
@@ -247,7 +247,7 @@ class HostShare:
         boundaries; none is dropped. ``order`` replaces that order: anything with ``order[position] -> index``.
         """
         if len(self) == 0:
-            raise ValueError(
+            raise UserError(
                 f"the training source is empty (or this host's share of it is): {self.num_examples} examples for "
                 f"{self.process_count} hosts; give a source with at least one example per host."
             )

@@ -45,7 +45,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"config.keep_checkpoints={keep!r} must be an int >= 1")
+            raise UserError(f"config.keep_checkpoints={keep!r} must be an int >= 1")
         self.directory = storage.resolve(directory)  # a URI (gs://...) as given, a local path made absolute
         try:
             self._manager = ocp.CheckpointManager(
@@ -54,7 +54,7 @@ class Checkpointer:
                 item_handlers=ocp.StandardCheckpointHandler(),  # lets a fresh process read metadata
             )
         except Exception as e:  # an unreadable checkpoint directory
-            raise ValueError(f"cannot open checkpoint directory {self.directory}: {type(e).__name__}: {e}") from e
+            raise UserError(f"cannot open checkpoint directory {self.directory}: {type(e).__name__}: {e}") from e
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or ``None`` when there is none."""
@@ -83,14 +83,14 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise ValueError(f"no checkpoint found in {self.directory}")
+            raise UserError(f"no checkpoint found in {self.directory}")
         path = self.step_dir(step)
         self._check_compatible(step, target, path)
         abstract = jax.tree.map(_abstract, target)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
                 "delete that step directory to resume from an older checkpoint, or use a fresh --workdir"
             ) from e
@@ -100,12 +100,12 @@ class Checkpointer:
             meta = self._manager.item_metadata(step)
             saved = getattr(meta, "tree", meta)
         except Exception as e:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} is corrupt or unreadable: its metadata cannot be read "
                 f"({type(e).__name__}: {e}); delete that step directory or use a fresh --workdir"
             ) from e
         if saved is None:
-            raise ValueError(f"checkpoint {path} has no metadata (corrupt?); delete it or use a fresh --workdir")
+            raise UserError(f"checkpoint {path} has no metadata (corrupt?); delete it or use a fresh --workdir")
         want = _shapes(target)
         have = _shapes(saved)
         if want != have:
@@ -114,7 +114,7 @@ class Checkpointer:
                 for k in sorted(set(want) | set(have))
                 if want.get(k) != have.get(k)
             ]
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} does not match this run's train state (different model or optimizer config?): "
                 + "; ".join(diffs[:8])
                 + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")

@@ -152,7 +152,7 @@ def grad_cache(embed_fn: Callable, num_micro_batches: int, groups: int = 1) -> C
     """
     k = int(num_micro_batches)
     if k < 1:
-        raise ValueError(f"config.contrastive.micro_batches={num_micro_batches!r} must be an int >= 1.")
+        raise UserError(f"config.contrastive.micro_batches={num_micro_batches!r} must be an int >= 1.")
     if k == 1:
         return embed_fn
 
@@ -231,20 +231,20 @@ def _section(config, name: str, defaults: dict) -> ml_collections.ConfigDict:
 
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"config.{key}={value!r} is not valid; valid choices: {list(choices)}")
+        raise UserError(f"config.{key}={value!r} is not valid; valid choices: {list(choices)}")
 
 
 def _dtype(name):
     table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None, "": None}
     if name not in table:
-        raise ValueError(f"config.model.dtype={name!r} is not valid; valid choices: ['float32', 'bfloat16']")
+        raise UserError(f"config.model.dtype={name!r} is not valid; valid choices: ['float32', 'bfloat16']")
     return table[name]
 
 
 def _per_channel(key: str, value) -> np.ndarray:
     arr = np.asarray(value, np.float32).reshape(-1)
     if arr.size not in (1, 3):
-        raise ValueError(f"config.data.{key}={value!r} must be a number or 3 numbers (per RGB channel)")
+        raise UserError(f"config.data.{key}={value!r} must be a number or 3 numbers (per RGB channel)")
     return arr
 
 
@@ -387,10 +387,10 @@ class ContrastiveTask:
         _check_choice("data.colour_space", d.colour_space, COLOUR_SPACES)
         micro = self.opts.micro_batches
         if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
-            raise ValueError(f"config.contrastive.micro_batches={micro!r} must be an int >= 1 (1 = no accumulation)")
+            raise UserError(f"config.contrastive.micro_batches={micro!r} must be an int >= 1 (1 = no accumulation)")
         accum = config.optimizer.get("grad_accum_steps", 1) if "optimizer" in config else 1
         if accum != 1:
-            raise ValueError(
+            raise UserError(
                 f"config.optimizer.grad_accum_steps={accum} splits the batch into independent contrastive losses "
                 "(negatives only within a micro-batch); for exact accumulation set "
                 f"config.contrastive.micro_batches={accum} and config.optimizer.grad_accum_steps=1"
@@ -437,14 +437,14 @@ class ContrastiveTask:
             self.vocab_texts = self.train_source.all_captions()
         elif d.name == "folder":
             if not d.data_dir:
-                raise ValueError("config.data.name='folder' needs config.data.data_dir (a folder of images)")
+                raise UserError("config.data.name='folder' needs config.data.data_dir (a folder of images)")
             self.train_source = image_text.FolderImageText(d.data_dir, d.captions_file or None, size)
             eval_file = d.eval_captions_file or d.captions_file or None
             self.eval_source = image_text.FolderImageText(d.data_dir, eval_file, size)
             self.vocab_texts = self.train_source.all_captions()
         else:
             if not d.tfds_name:
-                raise ValueError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
+                raise UserError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
             kw = dict(data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key, image_size=size)
             self.train_source = image_text.TFDSImageText(d.tfds_name, d.train_split, **kw)
             self.eval_source = image_text.TFDSImageText(d.tfds_name, d.eval_split, **kw)
@@ -479,7 +479,7 @@ class ContrastiveTask:
             fields.setdefault("eot_id", self.tokenizer.eot_id)
         fields.setdefault("image_size", int(self.data_cfg.image_size))
         if int(fields["image_size"]) != int(self.data_cfg.image_size):
-            raise ValueError(
+            raise UserError(
                 f"config.model.image_size={fields['image_size']} differs from config.data.image_size="
                 f"{self.data_cfg.image_size}; set them equal"
             )
@@ -487,7 +487,7 @@ class ContrastiveTask:
         try:
             self.clip_config = base.replace(**fields)
         except TypeError as e:
-            raise ValueError(f"config.model: {e}; valid keys: CLIPConfig fields and {list(_MODEL_KEYS)}") from e
+            raise UserError(f"config.model: {e}; valid keys: CLIPConfig fields and {list(_MODEL_KEYS)}") from e
         self.context_length = self.clip_config.context_length
         self.model = CLIP(self.clip_config, dtype=_dtype(m.get("dtype", "float32")))
 
@@ -527,7 +527,7 @@ class ContrastiveTask:
         if not g:
             return {}
         if d.name != "fashion_mnist_captions":
-            raise ValueError(
+            raise UserError(
                 f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
                 f"it is not available for data.name={d.name!r} (set it to 0)"
             )
@@ -537,7 +537,7 @@ class ContrastiveTask:
             keys = tuple(keys)
             empty = what == "group_by" and not keys
             if empty or any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys):
-                raise ValueError(
+                raise UserError(
                     f"config.data.{what}={keys!r} must be distinct attribute names from "
                     f"{list(ATTRIBUTES)}, e.g. ('size', 'position')"
                 )
@@ -617,7 +617,7 @@ class ContrastiveTask:
         if self.opts.loss == "softmax":
             return softmax_contrastive_loss(img, txt, self.log_scale(params), axis_name=axis_name)
         if "logit_bias" not in params:
-            raise ValueError(
+            raise UserError(
                 "config.contrastive.loss='sigmoid' needs a logit bias: set config.model.logit_bias_init "
                 "(SigLIP uses -10, with logit_scale_init=log(10))"
             )

@@ -46,6 +46,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmjax.errors import UserError
+
 __all__ = ["distributed_settings", "initialize", "StopAgreement", "DEFAULTS"]
 
 #: Fault-tolerance defaults (seconds): JAX's own values.
@@ -89,7 +91,7 @@ def distributed_settings(config=None, environ: Mapping[str, str] | None = None) 
     >>> distributed_settings({"distributed": {"coordinator_address": "h:1", "num_processes": 2}}, environ={})
     Traceback (most recent call last):
     ...
-    ValueError: distributed setup: process_id is missing (set config.distributed.process_id or MMJAX_PROCESS_ID); got coordinator_address='h:1', num_processes=2
+    mmjax.errors.UserError: distributed setup: process_id is missing (set config.distributed.process_id or MMJAX_PROCESS_ID); got coordinator_address='h:1', num_processes=2
     """
     environ = os.environ if environ is None else environ
     section = _section(config)
@@ -107,9 +109,9 @@ def distributed_settings(config=None, environ: Mapping[str, str] | None = None) 
             try:
                 value = int(value)
             except (TypeError, ValueError):
-                raise ValueError(f"{where}={value!r} must be an int") from None
+                raise UserError(f"{where}={value!r} must be an int") from None
             if value < 0:
-                raise ValueError(f"{where}={value} must be >= 0")
+                raise UserError(f"{where}={value} must be >= 0")
         settings[key] = value
     auto = bool(section.get("auto", False))
     main = ("coordinator_address", "num_processes", "process_id")
@@ -121,14 +123,14 @@ def distributed_settings(config=None, environ: Mapping[str, str] | None = None) 
         if k not in settings:
             given = ", ".join(f"{g}={settings[g]!r}" for g in main if g in settings)
             env = _ENV[k][0]
-            raise ValueError(f"distributed setup: {k} is missing (set config.distributed.{k} or {env}); got {given}")
+            raise UserError(f"distributed setup: {k} is missing (set config.distributed.{k} or {env}); got {given}")
     if not 0 <= settings["process_id"] < settings["num_processes"]:
-        raise ValueError(
+        raise UserError(
             f"distributed setup: process_id={settings['process_id']} must lie in [0, num_processes="
             f"{settings['num_processes']})"
         )
     if ":" not in str(settings["coordinator_address"]):
-        raise ValueError(
+        raise UserError(
             f"distributed setup: coordinator_address={settings['coordinator_address']!r} must be 'host:port' "
             "(process 0's address and a free port)"
         )

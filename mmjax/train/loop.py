@@ -169,7 +169,7 @@ def _evaluate(task, plan: Plan, eval_step, placed_params) -> dict[str, float]:
         out = eval_step(placed_params, plan.place_batch(batch))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
-        raise ValueError("the evaluation data is empty")
+        raise UserError("the evaluation data is empty")
     sums = jax.device_get(sums)
     count = float(sums.pop("count"))
     return {k: float(v) / max(count, 1.0) for k, v in sums.items()} | {"count": count}

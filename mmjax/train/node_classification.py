@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import gnn
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 from mmjax.graph import validate
 from mmjax.losses import softmax_cross_entropy, softmax_cross_entropy_sum
 from mmjax.train.task import (
@@ -73,7 +73,7 @@ def load_dataset(data_config) -> dict:
     d = dict(resolve_named(get("name", None), DATASETS, "config.data.name", kind="name")())
     missing = {"graph", "labels", "train_mask", "test_mask"} - set(d)
     if missing:
-        raise ValueError(
+        raise UserError(
             f"config.data.name={get('name')!r}: the dataset lacks {sorted(missing)}; a node-"
             "classification dataset is a dict with graph, labels, train_mask, test_mask"
         )
@@ -82,7 +82,7 @@ def load_dataset(data_config) -> dict:
     n = graph.nodes.shape[0]
     labels = np.asarray(d["labels"])
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError(
+        raise UserError(
             f"dataset labels must be non-negative ints of shape [N={n}], got shape {labels.shape}, dtype {labels.dtype}"
         )
     train_nodes = get("train_nodes", None)
@@ -91,7 +91,7 @@ def load_dataset(data_config) -> dict:
     for key in ("train_mask", "test_mask"):
         m = np.asarray(d[key])
         if m.shape != (n,) or m.dtype != bool or not m.any():
-            raise ValueError(
+            raise UserError(
                 f"dataset {key} must be a bool [N={n}] mask with at least one True, got shape "
                 f"{m.shape}, dtype {m.dtype}, {int(m.sum()) if m.dtype == bool else '?'} True"
             )
@@ -306,7 +306,7 @@ def project_2d(x) -> np.ndarray:
     """
     x = np.asarray(x, np.float64)
     if x.ndim != 2:
-        raise ValueError(f"x must be [N, D] node features, got shape {x.shape}")
+        raise UserError(f"x must be [N, D] node features, got shape {x.shape}")
     if x.shape[1] <= 2:
         return np.pad(x, ((0, 0), (0, 2 - x.shape[1])))
     c = x - x.mean(0)
@@ -332,7 +332,7 @@ def plot_node_embedding(embedding, labels, train_mask, path: str, class_names=No
     xy = project_2d(embedding)
     labels, train_mask = np.asarray(labels), np.asarray(train_mask, bool)
     if labels.shape != (xy.shape[0],) or train_mask.shape != (xy.shape[0],):
-        raise ValueError(f"labels and train_mask must be [N={xy.shape[0]}], got {labels.shape} and {train_mask.shape}")
+        raise UserError(f"labels and train_mask must be [N={xy.shape[0]}], got {labels.shape} and {train_mask.shape}")
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c in np.unique(labels):
         sel = labels == c

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmjax.errors import UserError
+
 #: First match wins; matched with ``re.fullmatch`` against "a/b/name". Kernels decay; everything else does not.
 DEFAULT_DECAY_RULES: tuple[tuple[str, float], ...] = (
     (r"(.*/)?(pos_?embedding|positional_embedding|posemb|cls|cls_token|probe|embedding)", 0.0),  # leaf names
@@ -74,19 +76,19 @@ def decay_multipliers(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
     compiled = []
     for rule in rules:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise ValueError(f"config.optimizer.decay_rules: each rule must be (regex, multiplier), got {rule!r}")
+            raise UserError(f"config.optimizer.decay_rules: each rule must be (regex, multiplier), got {rule!r}")
         pattern, mult = rule
         try:
             compiled.append((re.compile(pattern), float(mult)))
         except re.error as e:
-            raise ValueError(f"config.optimizer.decay_rules: bad regex {pattern!r}: {e}") from e
+            raise UserError(f"config.optimizer.decay_rules: bad regex {pattern!r}: {e}") from e
 
     def lookup(path, _):
         name = param_path(path)
         for regex, mult in compiled:
             if regex.fullmatch(name):
                 return mult
-        raise ValueError(
+        raise UserError(
             f"config.optimizer.decay_rules: parameter {name!r} matches no rule; add a catch-all ('.*', 0.0)"
         )
 

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 
 MODES = ("single", "pmap", "sharded")
 PMAP_AXIS = "batch"
@@ -55,7 +55,7 @@ def split_micro_batches(batch: Any, accum: int, groups: int = 1) -> Any:
     def split(x):
         b = x.shape[0]
         if b % (groups * accum):
-            raise ValueError(
+            raise UserError(
                 f"batch leaf of shape {x.shape}: leading size {b} is not divisible by devices*grad_accum_steps"
                 f" = {groups}*{accum}; change config.batch_size or config.optimizer.grad_accum_steps"
             )
@@ -115,11 +115,11 @@ class Plan:
         >>> make_plan("single").check_batch_size(6, accum=4)
         Traceback (most recent call last):
         ...
-        ValueError: config.batch_size=6 is not divisible by devices (1) * grad_accum_steps (4) = 4; ...
+        mmjax.errors.UserError: config.batch_size=6 is not divisible by devices (1) * grad_accum_steps (4) = 4; ...
         """
         n = self.num_devices * accum
         if batch_size <= 0 or batch_size % n:
-            raise ValueError(
+            raise UserError(
                 f"{what}={batch_size} is not divisible by devices ({self.num_devices}) * grad_accum_steps ({accum})"
                 f" = {n}; choose a multiple of {n} (or change config.parallel.mode / grad_accum_steps)"
             )
@@ -179,7 +179,7 @@ class Plan:
             def reshape(x):
                 x = np.asarray(x)
                 if x.shape[0] % n:
-                    raise ValueError(
+                    raise UserError(
                         f"batch leaf of shape {x.shape} does not split over this process's {n} devices; "
                         "its leading size must be a multiple of the local device count"
                     )
@@ -284,14 +284,14 @@ def make_plan(mode: str, num_devices: int = 0, fsdp: bool = False, fsdp_min_size
     'batch'
     """
     if mode not in MODES:
-        raise ValueError(f"config.parallel.mode={mode!r} is not valid; valid choices: {list(MODES)}")
+        raise UserError(f"config.parallel.mode={mode!r} is not valid; valid choices: {list(MODES)}")
     if not isinstance(num_devices, int) or num_devices < 0:
-        raise ValueError(f"config.parallel.num_devices={num_devices!r} must be an int >= 0 (0 = all devices)")
+        raise UserError(f"config.parallel.num_devices={num_devices!r} must be an int >= 0 (0 = all devices)")
     if fsdp and mode != "sharded":
-        raise ValueError(f"config.parallel.fsdp=True needs config.parallel.mode='sharded', got mode={mode!r}")
+        raise UserError(f"config.parallel.fsdp=True needs config.parallel.mode='sharded', got mode={mode!r}")
     if mode == "single":
         if jax.process_count() > 1:
-            raise ValueError("config.parallel.mode='single' cannot run with several processes; use 'sharded'")
+            raise UserError("config.parallel.mode='single' cannot run with several processes; use 'sharded'")
         devices = [jax.local_devices()[0]]
     else:  # the same global list on every process (pmap requires it), grouped by process
         by_process = [jax.local_devices(process_index=i) for i in range(jax.process_count())]
