@@ -675,9 +675,25 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        """``inputs_q [B, T, F]``, ``inputs_kv [B, S, F']`` (default ``inputs_q``) -> ``[B, T, out_features]``."""
+        """``inputs_q [B, T, F]``, ``inputs_kv [B, S, F']`` (default ``inputs_q``) -> ``[B, T, out_features]``.
+
+        Raises:
+          ValueError: if an input is not rank 3 ``[batch, length, features]`` or the batch sizes differ.
+        """
         if inputs_kv is None:
             inputs_kv = inputs_q
+        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+            if jnp.ndim(x) != 3:
+                raise ValueError(
+                    f"MultiHeadAttention: {name} must be [batch, length, features] (rank 3), got shape "
+                    f"{jnp.shape(x)} (rank {jnp.ndim(x)}); add the missing axis (e.g. x[None] for one sequence, "
+                    "x[:, None] for one token per example) or flatten extra axes into length."
+                )
+        if jnp.shape(inputs_q)[0] != jnp.shape(inputs_kv)[0]:
+            raise ValueError(
+                f"MultiHeadAttention: inputs_q {jnp.shape(inputs_q)} and inputs_kv {jnp.shape(inputs_kv)} have "
+                "different batch sizes (axis 0); pass one key/value sequence per query sequence."
+            )
         features = self.qkv_features or inputs_q.shape[-1]
         if features % self.num_heads:
             raise ValueError(f"qkv_features {features} must be divisible by num_heads {self.num_heads}.")

@@ -37,6 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mmjax.layers import EncoderConfig, l2_normalize
 from mmjax.text import POOLING_MODES, TextTransformer
 from mmjax.vit import ViT
 
@@ -182,6 +183,46 @@ class CLIPConfig:
     def replace(self, **changes) -> CLIPConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def vision_encoder_config(self, dtype: Any = None, param_dtype: Any = jnp.float32) -> EncoderConfig:
+        """The image tower's :class:`mmjax.layers.EncoderConfig` (the ``vision_*`` fields, remat/scan/attention).
+
+        >>> get_config("tiny").vision_encoder_config().mlp_dim
+        128
+        """
+        return EncoderConfig(
+            width=self.vision_width,
+            depth=self.vision_depth,
+            num_heads=self.vision_heads,
+            mlp_dim=self.vision_mlp_dim or 4 * self.vision_width,
+            activation=self.vision_activation,
+            layer_norm_eps=self.vision_layer_norm_eps,
+            remat=self.remat,
+            scan=self.scan,
+            attention_implementation=self.attention_implementation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+
+    def text_encoder_config(self, dtype: Any = None, param_dtype: Any = jnp.float32) -> EncoderConfig:
+        """The text tower's :class:`mmjax.layers.EncoderConfig` (the ``text_*`` fields, remat/scan/attention).
+
+        >>> get_config("tiny").text_encoder_config().activation
+        'quick_gelu'
+        """
+        return EncoderConfig(
+            width=self.text_width,
+            depth=self.text_depth,
+            num_heads=self.text_heads,
+            mlp_dim=self.text_mlp_dim or 4 * self.text_width,
+            activation=self.text_activation,
+            layer_norm_eps=self.text_layer_norm_eps,
+            remat=self.remat,
+            scan=self.scan,
+            attention_implementation=self.attention_implementation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides) -> CLIPConfig:
@@ -377,16 +418,6 @@ def as_config(config: Any) -> CLIPConfig:
     )
 
 
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-    """``x / max(|x|, eps)`` along ``axis`` (float32 math).
-
-    >>> l2_normalize(jnp.array([[3.0, 4.0]])).tolist()
-    [[0.6000000238418579, 0.800000011920929]]
-    """
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
 @flax.struct.dataclass
 class CLIPOutput:
     """What :class:`CLIP` returns (a pytree).
@@ -398,12 +429,18 @@ class CLIPOutput:
       logits_per_text: its transpose, ``[B_t, B_i]``.
       logit_scale: the scale used, ``exp(min(logit_scale, max_logit_scale))`` (scalar).
       logit_bias: the bias used (scalar), or ``None``.
+      image_intermediates: the image tower's intermediates (:class:`mmjax.vit.ViT`: ``patch_tokens``,
+        ``embedded``, ``encoderblock_{i}``, ``encoded``, ``pooled``, ...).
+      text_intermediates: the text tower's intermediates (:class:`mmjax.text.TextTransformer`: ``embeddings``,
+        ``encoderblock_{i}``, ``tokens``).
 
     >>> model = CLIP("tiny")
     >>> images, ids = jnp.zeros((3, 16, 16, 3)), jnp.ones((2, 4), jnp.int32)
     >>> out = model.apply(model.init(jax.random.key(0), images, ids), images, ids)
     >>> out.image_embeds.shape, out.logits_per_text.shape, out.logit_bias is None
     ((3, 16), (2, 3), True)
+    >>> out.image_intermediates["encoded"].shape, out.text_intermediates["tokens"].shape
+    ((3, 5, 32), (2, 4, 32))
     """
 
     image_embeds: Array
@@ -412,6 +449,8 @@ class CLIPOutput:
     logits_per_text: Array
     logit_scale: Array
     logit_bias: Array | None = None
+    image_intermediates: dict[str, Array] | None = None
+    text_intermediates: dict[str, Array] | None = None
 
 
 class CLIP(nn.Module):
@@ -421,6 +460,11 @@ class CLIP(nn.Module):
       config: a :class:`CLIPConfig`, a name in :data:`CONFIGS`, a dict or an ``ml_collections.ConfigDict``.
       dtype: compute dtype of the towers (e.g. ``jnp.bfloat16``); embeddings and logits are float32.
       param_dtype: parameter dtype.
+
+    Output convention: big_vision's ``(output, intermediates)`` of the towers is kept whole: :class:`CLIPOutput`
+    carries the embeddings and logits and each tower's intermediates (``image_intermediates``,
+    ``text_intermediates``); ``encode_image``/``encode_text`` return the projected features alone, like Hugging
+    Face's ``get_image_features``/``get_text_features``.
 
     Methods (use with ``model.apply(..., method=...)``):
       ``__call__(images, ids, attention_mask=None, train=False)`` -> :class:`CLIPOutput`.
@@ -446,10 +490,7 @@ class CLIP(nn.Module):
         self.vision = ViT(
             variant=None,
             num_classes=0,
-            width=cfg.vision_width,
-            depth=cfg.vision_depth,
-            num_heads=cfg.vision_heads,
-            mlp_dim=cfg.vision_mlp_dim or 4 * cfg.vision_width,
+            encoder_config=cfg.vision_encoder_config(self.dtype, self.param_dtype),
             patch_size=cfg.patch_size,
             stem_features=cfg.vision_stem_features,
             stem_impl=cfg.vision_stem_impl,
@@ -460,30 +501,13 @@ class CLIP(nn.Module):
             pre_norm=True,
             final_norm="pooled",
             patch_bias=False,
-            activation=cfg.vision_activation,
-            layer_norm_eps=cfg.vision_layer_norm_eps,
-            remat=cfg.remat,
-            scan=cfg.scan,
-            attention_implementation=cfg.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
         )
         self.text = TextTransformer(
             vocab_size=cfg.vocab_size,
-            width=cfg.text_width,
-            depth=cfg.text_depth,
-            num_heads=cfg.text_heads,
-            mlp_dim=cfg.text_mlp_dim or 4 * cfg.text_width,
+            encoder_config=cfg.text_encoder_config(self.dtype, self.param_dtype),
             context_length=cfg.context_length,
-            activation=cfg.text_activation,
-            layer_norm_eps=cfg.text_layer_norm_eps,
             pooling=cfg.text_pooling,
             eot_id=cfg.eot_id,
-            remat=cfg.remat,
-            scan=cfg.scan,
-            attention_implementation=cfg.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
         )
         proj = lambda name, width: nn.Dense(  # noqa: E731
             cfg.embed_dim,
@@ -517,11 +541,18 @@ class CLIP(nn.Module):
 
         With ``normalize=True`` the result is L2-normalised (``image_embeds`` of :class:`CLIPOutput`).
         """
+        feats, _ = self._image_features(images, train)
+        return l2_normalize(feats) if normalize else feats
+
+    def _image_features(self, images, train):
         images = jnp.asarray(images)
         self._check_images(images)
-        pooled, _ = self.vision(images, train=train)
-        feats = self.visual_projection(pooled).astype(jnp.float32)
-        return l2_normalize(feats) if normalize else feats
+        pooled, aux = self.vision(images, train=train)
+        return self.visual_projection(pooled).astype(jnp.float32), aux
+
+    def _text_features(self, ids, attention_mask, train):
+        pooled, aux = self.text(ids, attention_mask, train=train)
+        return self.text_projection(pooled).astype(jnp.float32), aux
 
     def encode_text(
         self, ids: Array, attention_mask: Array | None = None, normalize: bool = False, train: bool = False
@@ -530,8 +561,7 @@ class CLIP(nn.Module):
 
         ``attention_mask`` ``[B, T]`` (True/1 = real token) is combined with the causal mask.
         """
-        pooled, _ = self.text(ids, attention_mask, train=train)
-        feats = self.text_projection(pooled).astype(jnp.float32)
+        feats, _ = self._text_features(ids, attention_mask, train)
         return l2_normalize(feats) if normalize else feats
 
     def scale_and_bias(self) -> tuple[Array, Array | None]:
@@ -546,8 +576,9 @@ class CLIP(nn.Module):
         self, images: Array, ids: Array, attention_mask: Array | None = None, train: bool = False
     ) -> CLIPOutput:
         """Both towers and the similarity logits; see :class:`CLIPOutput`."""
-        image_embeds = self.encode_image(images, normalize=True, train=train)
-        text_embeds = self.encode_text(ids, attention_mask, normalize=True, train=train)
+        image_feats, image_aux = self._image_features(images, train)
+        text_feats, text_aux = self._text_features(ids, attention_mask, train)
+        image_embeds, text_embeds = l2_normalize(image_feats), l2_normalize(text_feats)
         scale, bias = self.scale_and_bias()
         logits = scale * (image_embeds @ text_embeds.T)
         if bias is not None:
@@ -559,4 +590,6 @@ class CLIP(nn.Module):
             logits_per_text=logits.T,
             logit_scale=scale,
             logit_bias=bias,
+            image_intermediates=image_aux,
+            text_intermediates=text_aux,
         )

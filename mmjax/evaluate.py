@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mmjax.layers import l2_normalize
+
 __all__ = [
     "l2_normalize",
     "topk_accuracy",
@@ -60,17 +62,6 @@ def _check_same_dim(name_a, a, name_b, b):
             f"{name_a} {a.shape} and {name_b} {b.shape} must have the same embedding width; "
             "project both towers into the shared space first."
         )
-
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """``x / max(||x||, eps)`` along ``axis``, in float32 or wider.
-
-    >>> l2_normalize(np.array([[3.0, 4.0]])).tolist()
-    [[0.6, 0.8]]
-    """
-    x = np.asarray(x)
-    x = x.astype(np.promote_types(x.dtype, np.float32))
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def topk_accuracy(scores, labels, k: int | Sequence[int] = 1):
@@ -270,8 +261,9 @@ def linear_probe(
         W = (Xc^T Xc + l2 * s * I)^-1 Xc^T Yc,   b = mean(Y) - mean(X) W,   prediction = argmax(X W + b)
 
     where ``s = trace(Xc^T Xc) / dim`` makes ``l2`` independent of the feature scale. With ``l2=None`` the value
-    in ``l2_grid`` with the best accuracy on a held-out ``val_fraction`` of the training set is chosen, then
-    the classifier is refitted on the whole training set.
+    in ``l2_grid`` with the best accuracy on a held-out ``val_fraction`` of the training set is chosen (among
+    values that tie on that accuracy, the smallest ``l2``, whatever the order of ``l2_grid``), then the
+    classifier is refitted on the whole training set.
 
     Args:
       train_features: ``[n, dim]``; train_labels: ``int [n]``.
@@ -314,7 +306,7 @@ def linear_probe(
         scores = [
             (acc(xtr[val], ytr[val], w, b), -lam, lam) for lam, w, b in _ridge_fit(xtr[fit], onehot[ytr[fit]], l2_grid)
         ]
-        best_acc, _, l2 = max(scores)  # ties -> the larger l2 (simpler model)
+        best_acc, _, l2 = max(scores)  # ties in accuracy -> the larger -l2, i.e. the SMALLER l2 wins
         out["val_accuracy"] = best_acc
     elif l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}.")

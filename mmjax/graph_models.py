@@ -8,6 +8,12 @@ classifier (:class:`PatchGCN`).
   inside the model, so the image-classification task trains it like any image classifier; ``[B, H, W, C] -> [B, K]``.
 
 Engine configs name them ``"gcn"`` (node classification) or by path, ``"mmjax.graph_models:PatchGCN"``.
+
+Output convention (big_vision; every mmjax model): ``(output, intermediates)``, where ``intermediates`` is a dict of
+named stages (e.g. the hidden node features), so probes and notebooks read any of them the same way.
+
+Activations are looked up in the one table of :mod:`mmjax.layers` (:func:`mmjax.layers.get_activation`):
+``"gelu"`` is the exact GELU there, ``"gelu_tanh"`` the tanh approximation (what ``"gelu"`` meant here before).
 """
 
 from __future__ import annotations
@@ -20,17 +26,9 @@ import numpy as np
 from mmjax import gnn
 from mmjax.data.graphs import images_to_graphs
 from mmjax.graph import Graph
+from mmjax.layers import ACTIVATIONS, get_activation
 
 __all__ = ["ACTIVATIONS", "GCN", "PatchGCN"]
-
-#: Activation names a config may use (strings keep configs JSON-serialisable).
-ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "gelu": nn.gelu, "elu": nn.elu}
-
-
-def _activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is not valid; valid choices: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 class GCN(nn.Module):
@@ -43,22 +41,25 @@ class GCN(nn.Module):
     Args (attributes):
       num_classes: ``K``, output features per node.
       hidden: width of the hidden layer.
-      activation: a name in :data:`ACTIVATIONS`.
+      activation: a name in :data:`mmjax.layers.ACTIVATIONS` (``"relu"``, ``"tanh"``, ``"gelu"`` (exact),
+        ``"gelu_tanh"``, ``"elu"``, ...).
       dropout: dropout rate on the input and hidden features (0 = off).
 
     Call ``apply(variables, graph, adjacency=None, train=False)``: ``graph.nodes`` is ``[N, F]``; ``adjacency``
     (from :func:`mmjax.gnn.gcn_adjacency`, built once for a static graph) takes the fast sorted path.
 
     Returns:
-      ``[N, K]`` logits (with ``K = 2`` they double as a 2-D node embedding).
+      ``(logits, intermediates)``: ``[N, K]`` logits (with ``K = 2`` they double as a 2-D node embedding) and
+      ``{"hidden": [N, hidden] node features after the activation (before dropout), "logits": the logits}``.
 
     >>> import jax, numpy as np
     >>> from mmjax.graph import Graph
     >>> g = Graph(nodes=np.eye(3, dtype=np.float32), senders=np.array([0, 1]), receivers=np.array([1, 2]),
     ...           n_node=np.array([3]), n_edge=np.array([2]))
     >>> m = GCN(num_classes=2, hidden=4)
-    >>> m.apply(m.init(jax.random.key(0), g), g).shape
-    (3, 2)
+    >>> logits, aux = m.apply(m.init(jax.random.key(0), g), g)
+    >>> logits.shape, aux["hidden"].shape
+    ((3, 2), (3, 4))
     """
 
     num_classes: int
@@ -70,12 +71,13 @@ class GCN(nn.Module):
     def __call__(self, graph: Graph, adjacency: gnn.GCNAdjacency | None = None, train: bool = False):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is not valid; expected a rate in [0, 1)")
-        act = _activation(self.activation)
+        act = get_activation(self.activation)
         drop = nn.Dropout(self.dropout, deterministic=not train)
         x = drop(jnp.asarray(graph.nodes))
-        h = act(gnn.GCNConv(self.hidden, name="conv_0")(graph._replace(nodes=x), adjacency=adjacency))
-        h = drop(h)
-        return gnn.GCNConv(self.num_classes, name="conv_1")(graph._replace(nodes=h), adjacency=adjacency)
+        hidden = act(gnn.GCNConv(self.hidden, name="conv_0")(graph._replace(nodes=x), adjacency=adjacency))
+        h = drop(hidden)
+        logits = gnn.GCNConv(self.num_classes, name="conv_1")(graph._replace(nodes=h), adjacency=adjacency)
+        return logits, {"hidden": hidden, "logits": logits}
 
 
 class PatchGCN(nn.Module):
@@ -92,11 +94,16 @@ class PatchGCN(nn.Module):
 
     ``train`` is accepted for the engine's interface and unused (no dropout).
 
+    Returns ``(logits [B, num_classes], intermediates)`` with ``intermediates`` holding ``"embedded"`` (node
+    features after the embedding MLP, ``[nodes, hidden]``), ``"gcn_{i}"`` (after block ``i``), ``"pooled"`` (the
+    readout, ``[B, 2 hidden]``) and ``"logits"``.
+
     >>> import jax, numpy as np
     >>> m = PatchGCN(num_classes=3, hidden=8, depth=1)
     >>> x = np.zeros((2, 8, 8, 1), np.float32)
-    >>> m.apply(m.init(jax.random.key(0), x), x).shape
-    (2, 3)
+    >>> logits, aux = m.apply(m.init(jax.random.key(0), x), x)
+    >>> logits.shape, aux["pooled"].shape
+    ((2, 3), (2, 16))
     """
 
     num_classes: int = 10
@@ -116,11 +123,16 @@ class PatchGCN(nn.Module):
             adj = gnn.gcn_adjacency(g._replace(nodes=np.zeros((g.nodes.shape[0], 0), np.float32)))
         h = nn.relu(nn.Dense(self.hidden, name="embed_0")(g.nodes))  # per-patch MLP before any mixing
         h = nn.Dense(self.hidden, name="embed_1")(h)
+        aux = {"embedded": h}
         for i in range(self.depth):
             u = gnn.GCNConv(self.hidden, name=f"gcn_{i}")(g._replace(nodes=h), adjacency=adj)
             if self.root:
                 u = u + nn.Dense(self.hidden, use_bias=False, name=f"root_{i}")(h)
             h = h + nn.relu(nn.LayerNorm(name=f"norm_{i}")(u))
+            aux[f"gcn_{i}"] = h
         pooled = jnp.concatenate([gnn.readout(g, "mean", h), gnn.readout(g, "max", h)], -1)
+        aux["pooled"] = pooled
         pooled = nn.relu(nn.Dense(self.hidden, name="head_hidden")(pooled))
-        return nn.Dense(self.num_classes, name="head")(pooled)
+        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        aux["logits"] = logits
+        return logits, aux

@@ -16,11 +16,16 @@ Parameter names (what a converter maps to)::
         mlp/fc2/{kernel,bias}       Dense mlp_dim -> width
       encoder_norm/{scale,bias}     final LayerNorm (``final_norm=True``)
 
+Every encoder option (sizes, activation, dropout, remat, scan, dtypes, ...) lives in one frozen
+:class:`EncoderConfig`, which :class:`EncoderBlock` and :class:`Encoder` take whole; :class:`mmjax.vit.ViT`,
+:class:`mmjax.text.TextTransformer` and :class:`mmjax.clip.CLIP` build one and pass it down.
+
 Parameters are float32 by default (``param_dtype``); ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +44,13 @@ __all__ = [
     "get_activation",
     "drop_path",
     "Mlp",
+    "EncoderConfig",
     "EncoderBlock",
     "Encoder",
     "posemb_sincos_2d",
+    "add_learned_posemb",
     "LearnedPositionEmbedding",
+    "l2_normalize",
     "stack_layers",
     "unstack_layers",
 ]
@@ -66,6 +74,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "quick_gelu": _quick_gelu,  # x * sigmoid(1.702 x) (OpenAI CLIP)
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,  # = swish, x * sigmoid(x)
+    "elu": jax.nn.elu,
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
     "identity": lambda x: x,
@@ -77,7 +86,10 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
     Valid names: ``gelu`` (exact, ``x * Phi(x)`` with the normal CDF ``Phi``), ``gelu_tanh``
     (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``), ``quick_gelu`` (``x * sigmoid(1.702 x)``), ``relu``,
-    ``silu`` (``x * sigmoid(x)``), ``tanh``, ``sigmoid``, ``identity``.
+    ``silu`` (``x * sigmoid(x)``), ``elu``, ``tanh``, ``sigmoid``, ``identity``. This is the one activation table of
+    mmjax: the transformers and the graph models (:mod:`mmjax.graph_models`) all look their names up here, so
+    ``"gelu"`` means the exact GELU everywhere (as in PyTorch and Hugging Face) and ``"gelu_tanh"`` the
+    approximation (flax's ``nn.gelu`` default).
 
     Args:
       name: one of the names above.
@@ -175,39 +187,49 @@ class Mlp(nn.Module):
         return dense(out_dim, "fc2")(x)
 
 
-class EncoderBlock(nn.Module):
-    """Pre-LayerNorm transformer block (ViT / CLIP / GPT-2 style).
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """All options of a pre-LN transformer encoder, in one frozen (hashable) dataclass passed whole.
 
-    ``x = x + drop_path(dropout(attn(ln1(x))))`` then ``x = x + drop_path(dropout(mlp(ln2(x))))``.
+    :class:`EncoderBlock` and :class:`Encoder` take one; :class:`mmjax.vit.ViT` and
+    :class:`mmjax.text.TextTransformer` build one from their keyword arguments (or take one as ``encoder_config``)
+    and :class:`mmjax.clip.CLIPConfig` builds one per tower.
 
     Attributes:
       num_heads: attention heads; the width must be divisible by it.
       mlp_dim: hidden width of the MLP.
-      activation: MLP activation name (``gelu``, ``gelu_tanh``, ``quick_gelu``, ...).
+      depth: number of blocks (used by :class:`Encoder`).
+      width: the model width, or ``None`` to take it from the inputs (when set, inputs of another width raise).
+      activation: MLP activation name (``gelu``, ``gelu_tanh``, ``quick_gelu``, ..., see :func:`get_activation`).
       layer_norm_eps: LayerNorm epsilon (1e-6 big_vision/timm, 1e-5 CLIP/PyTorch, 1e-12 HF ViT).
       dropout_rate: dropout on both residual branches and inside the MLP.
       attention_dropout_rate: dropout on the attention probabilities.
-      drop_path_rate: stochastic-depth probability of this block (see :func:`drop_path`).
+      drop_path_rate: stochastic-depth probability: of the last block in an :class:`Encoder` (the rate grows
+        linearly from 0 over the blocks, see :meth:`drop_path_rates`), of the block itself in an
+        :class:`EncoderBlock` used alone.
       num_kv_heads: key/value heads for grouped-query attention (``None``: ``num_heads``).
       attention_bias: biases in the four attention projections (query, key, value, out).
       attention_implementation: passed to :class:`mmjax.attention.MultiHeadAttention` (``None``: default).
-      dtype: compute dtype; param_dtype: parameter dtype.
+      remat: recompute each block's activations in the backward pass (``nn.remat``): less memory, more compute.
+      scan: run the blocks with ``nn.scan``: parameters stacked on a leading axis of size ``depth`` under
+        ``encoderblock/`` (faster compile for deep models; no per-block intermediates).
+      final_norm: apply the LayerNorm ``encoder_norm`` to the encoder output.
+      dtype: compute dtype (``None``: from the inputs); param_dtype: parameter dtype.
 
-    Call: ``block(x, mask=None, is_causal=False, deterministic=True)`` with ``x`` ``[batch, tokens, width]``;
-    ``mask`` bool, True = attend, broadcastable to ``[batch, heads, tokens, tokens]``. Returns ``[batch, tokens,
-    width]``. Submodules ``ln1``, ``attn``, ``ln2``, ``mlp``. Dropout and drop-path use the rng ``'dropout'``.
+    Raises:
+      ValueError: for a non-positive size, a drop-path rate outside ``[0, 1)``, an unknown activation or a width
+        not divisible by ``num_heads``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> block = EncoderBlock(num_heads=2, mlp_dim=16)
-      >>> x = jnp.ones((1, 3, 8))
-      >>> params = block.init(jax.random.key(0), x)["params"]
-      >>> block.apply({"params": params}, x, is_causal=True).shape
-      (1, 3, 8)
+      >>> cfg = EncoderConfig(num_heads=2, mlp_dim=16, depth=3, drop_path_rate=0.1)
+      >>> cfg.drop_path_rates().tolist(), cfg.replace(depth=1).depth
+      ([0.0, 0.05000000074505806, 0.10000000149011612], 1)
     """
 
     num_heads: int
     mlp_dim: int
+    depth: int = 1
+    width: int | None = None
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
     dropout_rate: float = 0.0
@@ -216,55 +238,117 @@ class EncoderBlock(nn.Module):
     num_kv_heads: int | None = None
     attention_bias: bool = True
     attention_implementation: str | None = None
+    remat: bool = False
+    scan: bool = False
+    final_norm: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        for name in ("num_heads", "mlp_dim", "depth", "width", "num_kv_heads"):
+            value = getattr(self, name)
+            if value is None and name in ("width", "num_kv_heads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EncoderConfig: {name} must be a positive int, got {name}={value!r}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(
+                f"EncoderConfig: drop_path_rate must be in [0, 1), got drop_path_rate={self.drop_path_rate!r}."
+            )
+        if self.width is not None and self.width % self.num_heads:
+            raise ValueError(
+                f"EncoderConfig: width={self.width} is not divisible by num_heads={self.num_heads}; "
+                "choose a width that is a multiple of num_heads."
+            )
+        get_activation(self.activation)  # an unknown name raises here, listing the valid ones
+
+    def replace(self, **changes) -> EncoderConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def drop_path_rates(self) -> np.ndarray:
+        """The per-block stochastic-depth rates, ``[depth]`` float32, linear from 0 to ``drop_path_rate``."""
+        if self.depth == 1:
+            return np.full((1,), self.drop_path_rate, np.float32)
+        return np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block (ViT / CLIP / GPT-2 style).
+
+    ``x = x + drop_path(dropout(attn(ln1(x))))`` then ``x = x + drop_path(dropout(mlp(ln2(x))))``.
+
+    Attributes:
+      config: the :class:`EncoderConfig` (its ``depth``, ``remat``, ``scan`` and ``final_norm`` concern the
+        :class:`Encoder` and are not used here; ``drop_path_rate`` is this block's rate).
+
+    Call: ``block(x, mask=None, is_causal=False, deterministic=True)`` with ``x`` ``[batch, tokens, width]``;
+    ``mask`` bool, True = attend, broadcastable to ``[batch, heads, tokens, tokens]``. Returns ``[batch, tokens,
+    width]``. Submodules ``ln1``, ``attn``, ``ln2``, ``mlp``. Dropout and drop-path use the rng ``'dropout'``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> block = EncoderBlock(EncoderConfig(num_heads=2, mlp_dim=16))
+      >>> x = jnp.ones((1, 3, 8))
+      >>> params = block.init(jax.random.key(0), x)["params"]
+      >>> block.apply({"params": params}, x, is_causal=True).shape
+      (1, 3, 8)
+    """
+
+    config: EncoderConfig
 
     def __call__(
         self, x: Array, mask: Array | None = None, is_causal: bool = False, deterministic: bool = True
     ) -> Array:
-        return self._block(x, mask, is_causal, deterministic, self.drop_path_rate, self.drop_path_rate > 0)
+        rate = self.config.drop_path_rate
+        return self._block(x, mask, is_causal, deterministic, rate, rate > 0)
 
     @nn.compact
     def _block(self, x, mask, is_causal, deterministic, rate, use_drop_path):
+        cfg = self.config
         if x.ndim != 3:
             raise ValueError(
                 f"EncoderBlock: x must be [batch, tokens, width], got shape {x.shape}; reshape the inputs."
             )
-        if x.shape[-1] % self.num_heads:
+        if x.shape[-1] % cfg.num_heads:
             raise ValueError(
-                f"EncoderBlock: width {x.shape[-1]} (last axis of x) is not divisible by num_heads={self.num_heads}."
+                f"EncoderBlock: width {x.shape[-1]} (last axis of x) is not divisible by num_heads={cfg.num_heads}."
             )
-        get_activation(self.activation)  # validate the name early
+        if cfg.width is not None and x.shape[-1] != cfg.width:
+            raise ValueError(
+                f"EncoderBlock: x has width {x.shape[-1]} (shape {x.shape}) but the config says width={cfg.width}; "
+                "embed the inputs to the model width first."
+            )
         stochastic = use_drop_path and not deterministic
 
         def residual(branch):
-            branch = nn.Dropout(self.dropout_rate)(branch, deterministic=deterministic)
+            branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
             if stochastic:
                 branch = drop_path(branch, rate, self.make_rng("dropout"))
             return branch
 
         ln = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
         )
         y = ln("ln1")(x)
         y = MultiHeadAttention(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            use_bias=self.attention_bias,
-            dropout_rate=self.attention_dropout_rate,
-            implementation=self.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            use_bias=cfg.attention_bias,
+            dropout_rate=cfg.attention_dropout_rate,
+            implementation=cfg.attention_implementation,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             name="attn",
         )(y, mask=mask, is_causal=is_causal, deterministic=deterministic)
         x = x + residual(y)
         y = ln("ln2")(x)
         y = Mlp(
-            hidden_dim=self.mlp_dim,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            hidden_dim=cfg.mlp_dim,
+            activation=cfg.activation,
+            dropout_rate=cfg.dropout_rate,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             name="mlp",
         )(y, deterministic=deterministic)
         return x + residual(y)
@@ -283,20 +367,13 @@ class _StaticBlock(EncoderBlock):
 
 
 class Encoder(nn.Module):
-    """A stack of ``depth`` pre-LN :class:`EncoderBlock` s with an optional final LayerNorm.
+    """A stack of ``config.depth`` pre-LN :class:`EncoderBlock` s with an optional final LayerNorm.
 
     The stochastic-depth rate grows linearly over the layers: block ``i`` drops with
     ``drop_path_rate * i / (depth - 1)`` (0 for the first block, ``drop_path_rate`` for the last).
 
     Attributes:
-      depth: number of blocks.
-      num_heads, mlp_dim, activation, layer_norm_eps, dropout_rate, attention_dropout_rate, num_kv_heads,
-        attention_bias, attention_implementation, dtype, param_dtype: as in :class:`EncoderBlock`.
-      drop_path_rate: stochastic-depth rate of the last block.
-      remat: recompute each block's activations in the backward pass (``nn.remat``): less memory, more compute.
-      scan: run the blocks with ``nn.scan``: parameters stacked on a leading axis of size ``depth`` under
-        ``encoderblock/`` (faster compile for deep models; no per-block intermediates).
-      final_norm: apply the LayerNorm ``encoder_norm`` to the output.
+      config: the :class:`EncoderConfig` (depth, heads, MLP, dropout, remat, scan, final_norm, dtypes, ...).
 
     Call: ``encoder(x, mask=None, is_causal=False, deterministic=True)`` with ``x`` ``[batch, tokens, width]``;
     returns ``(y, intermediates)`` where ``y`` is ``[batch, tokens, width]`` and ``intermediates`` maps
@@ -304,7 +381,7 @@ class Encoder(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> enc = Encoder(depth=2, num_heads=2, mlp_dim=16)
+      >>> enc = Encoder(EncoderConfig(depth=2, num_heads=2, mlp_dim=16))
       >>> x = jnp.ones((1, 3, 8))
       >>> params = enc.init(jax.random.key(0), x)["params"]
       >>> y, aux = enc.apply({"params": params}, x)
@@ -312,74 +389,40 @@ class Encoder(nn.Module):
       ((1, 3, 8), ['encoderblock_0', 'encoderblock_1'])
     """
 
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    activation: str = "gelu"
-    layer_norm_eps: float = 1e-6
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    num_kv_heads: int | None = None
-    attention_bias: bool = True
-    attention_implementation: str | None = None
-    remat: bool = False
-    scan: bool = False
-    final_norm: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    def drop_path_rates(self) -> np.ndarray:
-        """The per-block stochastic-depth rates, ``[depth]`` float32, linear from 0 to ``drop_path_rate``."""
-        if self.depth == 1:
-            return np.full((1,), self.drop_path_rate, np.float32)
-        return np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+    config: EncoderConfig
 
     @nn.compact
     def __call__(
         self, x: Array, mask: Array | None = None, is_causal: bool = False, deterministic: bool = True
     ) -> tuple[Array, dict[str, Array]]:
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"Encoder: depth must be a positive int, got depth={self.depth!r}.")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"Encoder: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
-        rates = self.drop_path_rates()
+        cfg = self.config
+        rates = cfg.drop_path_rates()
         block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            activation=self.activation,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            num_kv_heads=self.num_kv_heads,
-            attention_bias=self.attention_bias,
-            attention_implementation=self.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            config=cfg,
             static_is_causal=is_causal,
             static_deterministic=deterministic,
-            use_drop_path=self.drop_path_rate > 0,
+            use_drop_path=cfg.drop_path_rate > 0,
         )
         block_cls = _StaticBlock
-        if self.remat:
-            block_cls = nn.remat(block_cls, prevent_cse=not self.scan)
+        if cfg.remat:
+            block_cls = nn.remat(block_cls, prevent_cse=not cfg.scan)
         intermediates: dict[str, Array] = {}
-        if self.scan:
+        if cfg.scan:
             scanned = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
-                length=self.depth,
+                length=cfg.depth,
             )
             x, _ = scanned(**block_kwargs, name="encoderblock")(x, jnp.asarray(rates), mask)
         else:
-            for i in range(self.depth):
+            for i in range(cfg.depth):
                 x, _ = block_cls(**block_kwargs, name=f"encoderblock_{i}")(x, float(rates[i]), mask)
                 intermediates[f"encoderblock_{i}"] = x
-        if self.final_norm:
+        if cfg.final_norm:
             x = nn.LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder_norm"
+                epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="encoder_norm"
             )(x)
         return x, intermediates
 
@@ -422,8 +465,62 @@ def posemb_sincos_2d(
     return jnp.asarray(pe[None], dtype)
 
 
+def add_learned_posemb(
+    module: nn.Module,
+    x: Array,
+    *,
+    stddev: float = 0.02,
+    param_dtype: Dtype = jnp.float32,
+    name: str = "pos_embedding",
+    owner: str = "LearnedPositionEmbedding",
+) -> Array:
+    """``x + pos_embedding`` with a learned ``[1, tokens, width]`` parameter ``name`` declared on ``module``.
+
+    The one implementation of the learned position embedding: :class:`LearnedPositionEmbedding` and
+    :class:`mmjax.vit.ViT` (whose parameter sits directly in its own tree) both call it. Call it from inside a
+    module's ``@nn.compact`` method.
+
+    Args:
+      module: the module that owns the parameter (usually ``self``).
+      x: ``[batch, tokens, width]``.
+      stddev: standard deviation of the normal initialiser.
+      param_dtype: parameter dtype.
+      name: the parameter's name.
+      owner: the name the error message starts with.
+
+    Returns:
+      ``x + pos_embedding`` in the dtype of ``x``.
+
+    Raises:
+      ValueError: if the parameter exists with a shape other than ``[1, tokens, width]`` (inputs of another size
+        than at ``init``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> class AddPos(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return add_learned_posemb(self, x)
+      >>> AddPos().init(jax.random.key(0), jnp.zeros((2, 5, 4)))["params"]["pos_embedding"].shape
+      (1, 5, 4)
+    """
+    shape = (1,) + tuple(x.shape[1:])
+    if module.has_variable("params", name):
+        have = tuple(module.get_variable("params", name).shape)
+        if have != shape:
+            raise ValueError(
+                f"{owner}: the inputs give {x.shape[1]} tokens of width {x.shape[2]} (shape {tuple(x.shape)}) but "
+                f"{name} has shape {have} (expected {shape}); use the image/sequence size the parameters were made "
+                "for."
+            )
+    pe = module.param(name, nn.initializers.normal(stddev), shape, param_dtype)
+    return x + pe.astype(x.dtype)
+
+
 class LearnedPositionEmbedding(nn.Module):
     """Adds a learned position embedding ``pos_embedding`` of shape ``[1, tokens, width]`` to ``x``.
+
+    A module wrapper of :func:`add_learned_posemb` (the parameter then lives in this module's own scope).
 
     Attributes:
       stddev: initialiser standard deviation (normal).
@@ -445,16 +542,35 @@ class LearnedPositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        shape = (1,) + tuple(x.shape[1:])
-        if self.has_variable("params", "pos_embedding"):
-            have = self.get_variable("params", "pos_embedding").shape
-            if tuple(have) != shape:
-                raise ValueError(
-                    f"LearnedPositionEmbedding: the inputs have {x.shape[1]} tokens of width {x.shape[2]} but "
-                    f"pos_embedding has shape {tuple(have)}; use the image/sequence size the parameters were made for."
-                )
-        pe = self.param("pos_embedding", nn.initializers.normal(self.stddev), shape, self.param_dtype)
-        return x + pe.astype(x.dtype)
+        return add_learned_posemb(self, x, stddev=self.stddev, param_dtype=self.param_dtype)
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    """``x / max(|x|, eps)`` along ``axis``, computed in float32 or wider.
+
+    The one L2 normalisation of mmjax: :class:`mmjax.clip.CLIP` normalises its embeddings with it and
+    :mod:`mmjax.evaluate` its inputs. A ``jax.Array`` (or a tracer, under ``jit``) is normalised with ``jax.numpy``;
+    anything else (NumPy arrays, lists) with NumPy on the host, so float64 evaluation stays float64 without
+    ``jax_enable_x64``. Both compute ``x.astype(promote_types(x.dtype, float32))`` divided by its clamped norm.
+
+    Args:
+      x: an array or array-like.
+      axis: the axis to normalise along.
+      eps: the floor of the norm (an all-zero vector stays zero).
+
+    Returns:
+      An array of the shape of ``x`` and the kind of ``x`` (``jax.Array`` or ``np.ndarray``), dtype
+      ``promote_types(x.dtype, float32)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> l2_normalize(jnp.array([[3.0, 4.0]])).tolist(), l2_normalize(np.array([[3.0, 4.0]])).tolist()
+      ([[0.6000000238418579, 0.800000011920929]], [[0.6, 0.8]])
+    """
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x)
+    x = x.astype(xp.promote_types(x.dtype, xp.float32))
+    return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def stack_layers(params: dict[str, Any], depth: int, prefix: str = "encoderblock") -> dict[str, Any]:

@@ -26,13 +26,14 @@ Parameter tree (what the converter maps)::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Encoder
+from mmjax.layers import Encoder, EncoderConfig
 
 __all__ = ["TextTransformer", "pool_tokens", "POOLING_MODES"]
 
@@ -40,6 +41,23 @@ Array = jax.Array
 Dtype = Any
 
 POOLING_MODES = ("eot", "argmax", "last", "first", "mean")
+
+# TextTransformer keywords that an EncoderConfig replaces (they must keep their defaults when encoder_config is given)
+_ENCODER_KEYWORDS = (
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "activation",
+    "layer_norm_eps",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "remat",
+    "scan",
+    "attention_implementation",
+    "dtype",
+    "param_dtype",
+)
 
 
 def pool_tokens(
@@ -103,6 +121,11 @@ class TextTransformer(nn.Module):
       dropout_rate, attention_dropout_rate: dropout (rng ``"dropout"`` when ``train=True``).
       remat, scan, attention_implementation: passed to :class:`mmjax.layers.Encoder`.
       dtype: compute dtype; param_dtype: parameter dtype.
+      encoder_config: an :class:`mmjax.layers.EncoderConfig` (with ``width`` set) in place of the encoder keywords
+        above (``width`` ... ``param_dtype``, which must then keep their defaults); CLIP builds its text tower this
+        way. Either way the options are resolved once (:meth:`get_encoder_config`) and passed whole.
+
+    Output convention (big_vision; every mmjax model): ``(output, intermediates)``.
 
     Call: ``model.apply(variables, ids, attention_mask=None, train=False)`` with ``ids`` int ``[B, T]`` and
     an optional ``attention_mask`` ``[B, T]`` (True/1 = real token, combined with the causal mask). Returns
@@ -118,9 +141,9 @@ class TextTransformer(nn.Module):
     """
 
     vocab_size: int
-    width: int
-    depth: int
-    num_heads: int
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     mlp_dim: int | None = None
     context_length: int = 77
     activation: str = "quick_gelu"
@@ -135,6 +158,52 @@ class TextTransformer(nn.Module):
     attention_implementation: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    encoder_config: EncoderConfig | None = None
+
+    def get_encoder_config(self) -> EncoderConfig:
+        """The :class:`mmjax.layers.EncoderConfig` of the encoder (causal blocks and the final LayerNorm).
+
+        Example:
+          >>> TextTransformer(vocab_size=10, width=8, depth=1, num_heads=2).get_encoder_config().mlp_dim
+          32
+        """
+        if self.encoder_config is not None:
+            cfg = self.encoder_config
+            if not isinstance(cfg, EncoderConfig) or cfg.width is None:
+                raise ValueError(
+                    f"TextTransformer: encoder_config must be an mmjax.layers.EncoderConfig with width set, got "
+                    f"{cfg!r}."
+                )
+            defaults = {f.name: f.default for f in dataclasses.fields(TextTransformer)}
+            clash = [n for n in _ENCODER_KEYWORDS if getattr(self, n) != defaults[n]]
+            if clash:
+                given = ", ".join(f"{n}={getattr(self, n)!r}" for n in clash)
+                raise ValueError(
+                    f"TextTransformer: encoder_config is given together with the encoder keywords {given}; pass the "
+                    "encoder options in one place, e.g. encoder_config=config.replace(...)."
+                )
+            return cfg.replace(final_norm=True)
+        for name in ("width", "depth", "num_heads"):
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"TextTransformer: {name} is not set; pass {name}=... (or encoder_config=EncoderConfig(...))."
+                )
+        return EncoderConfig(
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            attention_implementation=self.attention_implementation,
+            remat=self.remat,
+            scan=self.scan,
+            final_norm=True,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     @nn.compact
     def __call__(
@@ -161,39 +230,27 @@ class TextTransformer(nn.Module):
             attention_mask = attention_mask.astype(bool)
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"TextTransformer: pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        cfg = self.get_encoder_config()
 
         embed = nn.Embed(
             self.vocab_size,
-            self.width,
+            cfg.width,
             embedding_init=nn.initializers.normal(0.02),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             name="token_embedding",
         )
         pos = self.param(
-            "pos_embedding", nn.initializers.normal(0.01), (self.context_length, self.width), self.param_dtype
+            "pos_embedding", nn.initializers.normal(0.01), (self.context_length, cfg.width), cfg.param_dtype
         )
         x = embed(ids)
         x = x + pos[:T].astype(x.dtype)
         deterministic = not train
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         mask = None if attention_mask is None else attention_mask[:, None, None, :]
-        encoded, intermediates = Encoder(
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            activation=self.activation,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            attention_implementation=self.attention_implementation,
-            remat=self.remat,
-            scan=self.scan,
-            final_norm=True,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder",
-        )(x, mask=mask, is_causal=self.causal, deterministic=deterministic)
+        encoded, intermediates = Encoder(cfg, name="encoder")(
+            x, mask=mask, is_causal=self.causal, deterministic=deterministic
+        )
         pooled = pool_tokens(encoded, ids, self.pooling, self.eot_id, attention_mask)
         aux = dict(intermediates, embeddings=x, tokens=encoded)
         return pooled, aux

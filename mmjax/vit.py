@@ -19,6 +19,7 @@ Parameter tree of :class:`ViT` (names a converter maps to)::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.attention import MultiHeadAttention
-from mmjax.layers import Encoder, Mlp, get_activation, posemb_sincos_2d
+from mmjax.layers import Encoder, EncoderConfig, Mlp, add_learned_posemb, get_activation, posemb_sincos_2d
 
 Dtype = Any
 Array = jax.Array
@@ -50,6 +51,24 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 _POOL_TYPES = ("token", "gap", "map")
 _FINAL_NORMS = ("sequence", "pooled", "none")
 _POSEMBS = ("learn", "sincos2d")
+# ViT keywords that an EncoderConfig replaces (they must keep their defaults when encoder_config is given)
+_ENCODER_KEYWORDS = (
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "activation",
+    "layer_norm_eps",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "drop_path_rate",
+    "attention_bias",
+    "remat",
+    "scan",
+    "attention_implementation",
+    "dtype",
+    "param_dtype",
+)
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -92,44 +111,39 @@ class MAPHead(nn.Module):
     ``p = attn(probe, x)``; ``y = p + mlp(ln(p))``; returns ``y[:, 0]``.
 
     Attributes:
-      num_heads: attention heads. mlp_dim: MLP hidden width (``None``: 4 x width).
-      activation, layer_norm_eps, dtype, param_dtype, attention_implementation: as in :class:`mmjax.layers.Mlp` /
-        :class:`mmjax.layers.EncoderBlock`.
+      config: the tower's :class:`mmjax.layers.EncoderConfig`; the head uses its ``num_heads``, ``mlp_dim``,
+        ``activation``, ``layer_norm_eps``, ``attention_implementation``, ``dtype`` and ``param_dtype`` (no dropout,
+        full attention heads and biases).
 
     Input ``[batch, tokens, width]`` -> ``[batch, width]``. Parameters ``probe`` [1, 1, width], ``attn``, ``ln``,
     ``mlp``.
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> head = MAPHead(num_heads=2)
+      >>> from mmjax.layers import EncoderConfig
+      >>> head = MAPHead(EncoderConfig(num_heads=2, mlp_dim=32))
       >>> x = jnp.ones((3, 5, 8))
       >>> head.apply(head.init(jax.random.key(0), x), x).shape
       (3, 8)
     """
 
-    num_heads: int
-    mlp_dim: int | None = None
-    activation: str = "gelu"
-    layer_norm_eps: float = 1e-6
-    attention_implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    config: EncoderConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        cfg = self.config
         batch, _, width = x.shape
-        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), cfg.param_dtype)
         probe = jnp.broadcast_to(probe.astype(x.dtype), (batch, 1, width))
         p = MultiHeadAttention(
-            num_heads=self.num_heads,
-            implementation=self.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            num_heads=cfg.num_heads,
+            implementation=cfg.attention_implementation,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             name="attn",
         )(probe, x)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(p)
-        mlp_dim = 4 * width if self.mlp_dim is None else self.mlp_dim
-        p = p + Mlp(mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+        y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ln")(p)
+        p = p + Mlp(cfg.mlp_dim, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")(y)
         return p[:, 0]
 
 
@@ -175,7 +189,10 @@ class ViT(nn.Module):
     -> head.
 
     Sizes come from ``variant`` (see :func:`decode_variant`); any of ``width``, ``depth``, ``num_heads``,
-    ``mlp_dim``, ``patch_size`` given explicitly overrides it (``variant=None`` needs all five).
+    ``mlp_dim``, ``patch_size`` given explicitly overrides it (``variant=None`` needs all five). The encoder options
+    (sizes, activation, LayerNorm epsilon, dropout, remat, scan, dtypes, ...) are resolved once into an
+    :class:`mmjax.layers.EncoderConfig` (:meth:`get_encoder_config`) that the encoder, the MAP head and the
+    embedding layers all read; ``encoder_config=EncoderConfig(...)`` passes one whole instead of the keywords.
 
     Attributes:
       variant: e.g. ``"B/16"``, ``"Ti/4"``, ``"mu/8"``, or ``None``.
@@ -206,9 +223,17 @@ class ViT(nn.Module):
         applies to the embedded tokens.
       head_zero_init: initialise the classifier to zeros (big_vision); else LeCun normal.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: parameter dtype (float32).
+      encoder_config: an :class:`mmjax.layers.EncoderConfig` (with ``width`` set) in place of the variant's sizes
+        and the encoder keywords above (``width`` ... ``param_dtype``), which must then keep their defaults;
+        ``patch_size`` still comes from ``patch_size`` or the variant, and ``final_norm`` from this model's
+        ``final_norm``. CLIP builds its image tower this way.
+
+    Output convention (big_vision; every mmjax model): ``(output, intermediates)``, a dict of named stages.
 
     Call: ``logits, intermediates = model.apply({"params": params}, images, train=False)``; ``images``
-    ``[batch, height, width, channels]`` float; ``train=True`` enables dropout / stochastic depth (rng
+    ``[batch, height, width, channels]`` floating (float32 or bfloat16; float64 under ``jax_enable_x64``), already
+    normalised (integer pixels raise a ValueError: convert with ``images.astype(jnp.float32) / 255`` and
+    normalise); ``train=True`` enables dropout / stochastic depth (rng
     ``'dropout'``). ``logits`` ``[batch, num_classes]`` float32 (``num_classes=0``: the pooled vector
     ``[batch, representation_size or width]``). ``intermediates`` holds ``patch_tokens`` (patch embeddings
     ``[batch, patches, width]``), ``embedded`` (encoder input), ``encoderblock_{i}`` (when ``scan=False``),
@@ -256,10 +281,43 @@ class ViT(nn.Module):
     head_zero_init: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    encoder_config: EncoderConfig | None = None
 
     def __post_init__(self):
-        self.sizes()  # validate at construction
+        self.get_encoder_config()  # validate at construction
         super().__post_init__()
+
+    def get_encoder_config(self) -> EncoderConfig:
+        """The resolved :class:`mmjax.layers.EncoderConfig` of the encoder (variant + keywords, or
+        ``encoder_config`` with this model's ``final_norm``).
+
+        Example:
+          >>> cfg = ViT(variant="S/16", depth=6, dropout_rate=0.1).get_encoder_config()
+          >>> cfg.width, cfg.depth, cfg.num_heads, cfg.dropout_rate, cfg.final_norm
+          (384, 6, 6, 0.1, True)
+        """
+        s = self.sizes()
+        final_norm = self.final_norm == "sequence"
+        if self.encoder_config is not None:
+            return self.encoder_config.replace(final_norm=final_norm)
+        return EncoderConfig(
+            width=s["width"],
+            depth=s["depth"],
+            num_heads=s["num_heads"],
+            mlp_dim=s["mlp_dim"],
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            attention_bias=self.attention_bias,
+            attention_implementation=self.attention_implementation,
+            remat=self.remat,
+            scan=self.scan,
+            final_norm=final_norm,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     def sizes(self) -> dict[str, int]:
         """The resolved ``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``patch_size`` (variant + overrides).
@@ -269,6 +327,8 @@ class ViT(nn.Module):
           6
         """
         out = decode_variant(self.variant) if self.variant is not None else {}
+        if self.encoder_config is not None:
+            out = self._sizes_from_encoder_config(out.get("patch_size"))
         for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
             value = getattr(self, name)
             if value is not None:
@@ -304,7 +364,36 @@ class ViT(nn.Module):
         get_activation(self.representation_activation)
         return out
 
+    def _sizes_from_encoder_config(self, variant_patch: int | None) -> dict[str, int]:
+        cfg = self.encoder_config
+        if not isinstance(cfg, EncoderConfig):
+            raise ValueError(
+                f"ViT: encoder_config must be an mmjax.layers.EncoderConfig, got {type(cfg).__name__}; build one "
+                "with EncoderConfig(width=..., depth=..., num_heads=..., mlp_dim=...)."
+            )
+        if cfg.width is None:
+            raise ValueError("ViT: encoder_config.width is None; the ViT needs it set (EncoderConfig(width=...)).")
+        defaults = {f.name: f.default for f in dataclasses.fields(ViT)}
+        clash = [n for n in _ENCODER_KEYWORDS if getattr(self, n) != defaults[n]]
+        if clash:
+            given = ", ".join(f"{n}={getattr(self, n)!r}" for n in clash)
+            raise ValueError(
+                f"ViT: encoder_config is given together with the encoder keywords {given}; pass the encoder options "
+                "in one place, e.g. encoder_config=config.replace(...)."
+            )
+        out = dict(width=cfg.width, depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads)
+        patch = self.patch_size if self.patch_size is not None else variant_patch
+        if patch is not None:
+            out["patch_size"] = patch
+        return out
+
     def _check_images(self, images: Array, patch: int) -> None:
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(
+                f"ViT: images have dtype {images.dtype} (shape {images.shape}); expected floating images "
+                "(float32 or bfloat16; float64 under jax_enable_x64) in NHWC [batch, height, width, channels], "
+                "normalised: convert with images.astype(jnp.float32) / 255 and normalise (see mmjax.preprocess)."
+            )
         if images.ndim != 4:
             raise ValueError(
                 f"ViT: images must be NHWC [batch, height, width, channels], got shape {images.shape} "
@@ -335,21 +424,11 @@ class ViT(nn.Module):
                     f"{kernel.shape[2]}."
                 )
 
-    def _learned_posemb(self, x: Array) -> Array:
-        shape = (1,) + tuple(x.shape[1:])
-        if self.has_variable("params", "pos_embedding"):
-            have = tuple(self.get_variable("params", "pos_embedding").shape)
-            if have != shape:
-                raise ValueError(
-                    f"ViT: the images give {x.shape[1]} tokens but pos_embedding has shape {have} (expected "
-                    f"{shape}); use the image size the parameters were made for."
-                )
-        pe = self.param("pos_embedding", nn.initializers.normal(0.02), shape, self.param_dtype)
-        return x + pe.astype(x.dtype)
-
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
+        images = jnp.asarray(images)
         s = self.sizes()
+        cfg = self.get_encoder_config()
         width, patch = s["width"], s["patch_size"]
         self._check_images(images, patch)
         deterministic = not train
@@ -358,18 +437,18 @@ class ViT(nn.Module):
         x = images
         for i, features in enumerate(self.stem_features):
             if self.stem_impl == "matmul":
-                x = StemConv(features, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stem_conv_{i}")(x)
+                x = StemConv(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=f"stem_conv_{i}")(x)
             else:
                 x = nn.Conv(
                     features,
                     (3, 3),
                     strides=(2, 2),
                     padding="SAME",
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
+                    dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype,
                     name=f"stem_conv_{i}",
                 )(x)
-            x = nn.gelu(x, approximate=False)
+            x = get_activation("gelu")(x)  # the exact GELU
 
         x = nn.Conv(
             width,
@@ -377,8 +456,8 @@ class ViT(nn.Module):
             strides=(patch, patch),
             padding="VALID",
             use_bias=self.patch_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             name="embedding",
         )(x)
         batch, gh, gw, _ = x.shape
@@ -386,7 +465,7 @@ class ViT(nn.Module):
         out["patch_tokens"] = x
 
         def add_cls(x):
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), cfg.param_dtype)
             return jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, width)), x], axis=1)
 
         if self.posemb == "sincos2d":
@@ -394,38 +473,21 @@ class ViT(nn.Module):
             if self.class_token:
                 x = add_cls(x)
         elif self.class_token and self.cls_posemb:
-            x = self._learned_posemb(add_cls(x))
+            x = add_learned_posemb(self, add_cls(x), param_dtype=cfg.param_dtype, owner="ViT")
         else:
-            x = self._learned_posemb(x)
+            x = add_learned_posemb(self, x, param_dtype=cfg.param_dtype, owner="ViT")
             if self.class_token:
                 x = add_cls(x)
         num_prefix = 1 if self.class_token else 0
 
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if self.pre_norm:
-            x = nn.LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm"
-            )(x)
+            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="pre_norm")(
+                x
+            )
         out["embedded"] = x
 
-        x, blocks = Encoder(
-            depth=s["depth"],
-            num_heads=s["num_heads"],
-            mlp_dim=s["mlp_dim"],
-            activation=self.activation,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            drop_path_rate=self.drop_path_rate,
-            attention_bias=self.attention_bias,
-            attention_implementation=self.attention_implementation,
-            remat=self.remat,
-            scan=self.scan,
-            final_norm=self.final_norm == "sequence",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder",
-        )(x, deterministic=deterministic)
+        x, blocks = Encoder(cfg, name="encoder")(x, deterministic=deterministic)
         out.update(blocks)
         out["encoded"] = x
 
@@ -434,25 +496,16 @@ class ViT(nn.Module):
         elif self.pool_type == "gap":
             pooled = jnp.mean(x[:, num_prefix:], axis=1)
         else:
-            pooled = MAPHead(
-                num_heads=s["num_heads"],
-                mlp_dim=s["mlp_dim"],
-                activation=self.activation,
-                layer_norm_eps=self.layer_norm_eps,
-                attention_implementation=self.attention_implementation,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="map_head",
-            )(x)
+            pooled = MAPHead(cfg, name="map_head")(x)
         if self.final_norm == "pooled":
             pooled = nn.LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="post_norm"
+                epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="post_norm"
             )(pooled)
         out["pooled"] = pooled
 
         if self.representation_size is not None:
             pooled = nn.Dense(
-                self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
+                self.representation_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="pre_logits"
             )(pooled)
             pooled = get_activation(self.representation_activation)(pooled)
         out["pre_logits"] = pooled
@@ -461,8 +514,8 @@ class ViT(nn.Module):
             return pooled, out
         logits = nn.Dense(
             self.num_classes,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal(),
             name="head",
         )(pooled).astype(jnp.float32)

@@ -429,3 +429,15 @@ def test_mha_dropout_needs_rng_and_changes_output():
     assert not np.allclose(det, drop)
     with pytest.raises(flax.errors.InvalidRngError):
         mha.apply(params, x, deterministic=False)
+
+
+def test_multi_head_attention_rank2_input_names_shape_and_fix():
+    mha = MultiHeadAttention(num_heads=2)
+    with pytest.raises(
+        ValueError, match=r"inputs_q must be \[batch, length, features\].*\(5, 8\) \(rank 2\).*x\[None\]"
+    ):
+        mha.init(jax.random.key(0), jnp.ones((5, 8)))
+    with pytest.raises(ValueError, match=r"inputs_kv must be \[batch, length, features\].*\(2, 3, 4, 8\)"):
+        mha.init(jax.random.key(0), jnp.ones((2, 3, 8)), jnp.ones((2, 3, 4, 8)))
+    with pytest.raises(ValueError, match=r"different batch sizes"):
+        mha.init(jax.random.key(0), jnp.ones((2, 3, 8)), jnp.ones((3, 3, 8)))

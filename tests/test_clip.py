@@ -182,3 +182,39 @@ def test_hybrid_image_tower_config():
         get_config("tiny", image_size=16, vision_stem_features=(8, 16))
     with pytest.raises(ValueError, match="vision_stem_features must be a tuple of positive ints"):
         get_config("tiny", vision_stem_features=(8, -1))
+
+
+def test_clip_output_keeps_both_towers_intermediates():
+    model = CLIP("tiny")
+    images = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+    ids = np.array([[1, 5, 63, 0], [1, 63, 0, 0]], np.int32)
+    params = model.init(jax.random.key(0), images, ids)["params"]
+    out = model.apply({"params": params}, images, ids)
+    img_aux, txt_aux = out.image_intermediates, out.text_intermediates
+    assert {"patch_tokens", "embedded", "encoderblock_0", "encoderblock_1", "encoded", "pooled"} <= set(img_aux)
+    assert {"embeddings", "encoderblock_0", "encoderblock_1", "tokens"} <= set(txt_aux)
+    assert img_aux["encoded"].shape == (2, 5, 32) and txt_aux["tokens"].shape == (2, 4, 32)
+    # the intermediates are those of the towers that made the embeddings
+    feats = model.apply({"params": params}, images, method="encode_image")
+    pooled = img_aux["pooled"] @ params["visual_projection"]["kernel"]
+    np.testing.assert_allclose(pooled, feats, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(l2_normalize(feats), out.image_embeds, rtol=1e-6, atol=1e-7)
+    # still a pytree that jit returns
+    jitted = jax.jit(lambda p: model.apply({"params": p}, images, ids))(params)
+    # jit fuses differently from eager: LayerNorm-ed features of magnitude ~2 agree to a few float32 ulps
+    np.testing.assert_allclose(jitted.text_intermediates["tokens"], txt_aux["tokens"], rtol=0, atol=2e-5)
+
+
+def test_clip_towers_get_one_encoder_config_each():
+    cfg = get_config("tiny", remat=True, vision_activation="gelu")
+    v, t = cfg.vision_encoder_config(jnp.bfloat16), cfg.text_encoder_config()
+    assert (v.width, v.depth, v.num_heads, v.mlp_dim, v.activation, v.remat, v.dtype) == (
+        32,
+        2,
+        4,
+        128,
+        "gelu",
+        True,
+        jnp.bfloat16,
+    )
+    assert (t.activation, t.layer_norm_eps, t.dtype) == ("quick_gelu", 1e-5, None)

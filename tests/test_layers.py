@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,18 +10,30 @@ import pytest
 
 from mmjax import layers
 from mmjax.layers import (
+    ACTIVATIONS,
     Encoder,
     EncoderBlock,
+    EncoderConfig,
     LearnedPositionEmbedding,
     Mlp,
+    add_learned_posemb,
     drop_path,
     get_activation,
     posemb_sincos_2d,
     stack_layers,
     unstack_layers,
 )
+from mmjax.layers import l2_normalize as l2_normalize_layers
 
 X = np.linspace(-4.0, 4.0, 41)
+
+
+def _block(**kw):
+    return EncoderBlock(EncoderConfig(**kw))
+
+
+def _encoder(**kw):
+    return Encoder(EncoderConfig(**kw))
 
 
 def _np_layer_norm(x, p, eps):
@@ -111,7 +124,7 @@ def test_drop_path_zeroes_whole_examples_and_rescales():
 
 
 def test_encoder_block_matches_numpy_reference():
-    block = EncoderBlock(num_heads=2, mlp_dim=16, layer_norm_eps=1e-5)
+    block = _block(num_heads=2, mlp_dim=16, layer_norm_eps=1e-5)
     x = np.random.RandomState(1).randn(2, 5, 8).astype(np.float32)
     params = _randomize(block.init(jax.random.key(0), x)["params"])
     assert set(params) == {"ln1", "attn", "ln2", "mlp"}
@@ -121,7 +134,7 @@ def test_encoder_block_matches_numpy_reference():
 
 
 def test_encoder_block_causal_and_mask():
-    block = EncoderBlock(num_heads=2, mlp_dim=16)
+    block = _block(num_heads=2, mlp_dim=16)
     x = np.random.RandomState(2).randn(1, 6, 8).astype(np.float32)
     params = _randomize(block.init(jax.random.key(0), x)["params"])
     apply = lambda x, **kw: np.asarray(block.apply({"params": params}, x, **kw))  # noqa: E731
@@ -136,7 +149,7 @@ def test_encoder_block_causal_and_mask():
 
 
 def test_encoder_block_bad_input_raises():
-    block = EncoderBlock(num_heads=3, mlp_dim=8)
+    block = _block(num_heads=3, mlp_dim=8)
     with pytest.raises(ValueError, match="not divisible by num_heads=3"):
         block.init(jax.random.key(0), jnp.ones((1, 2, 8)))
     with pytest.raises(ValueError, match=r"\[batch, tokens, width\].*\(2, 9\)"):
@@ -147,9 +160,9 @@ DEPTH = 2
 
 
 def _encoder_and_params(**kw):
-    enc = Encoder(depth=DEPTH, num_heads=2, mlp_dim=16, **kw)
+    enc = _encoder(depth=DEPTH, num_heads=2, mlp_dim=16, **kw)
     x = np.random.RandomState(3).randn(2, 4, 8).astype(np.float32)
-    return enc, x, _randomize(Encoder(depth=DEPTH, num_heads=2, mlp_dim=16).init(jax.random.key(0), x)["params"])
+    return enc, x, _randomize(_encoder(depth=DEPTH, num_heads=2, mlp_dim=16).init(jax.random.key(0), x)["params"])
 
 
 def test_encoder_stack_equals_sequential_blocks_and_names():
@@ -158,16 +171,16 @@ def test_encoder_stack_equals_sequential_blocks_and_names():
     y, aux = enc.apply({"params": params}, x)
     h = x
     for i in range(DEPTH):
-        h = np.asarray(EncoderBlock(num_heads=2, mlp_dim=16).apply({"params": params[f"encoderblock_{i}"]}, h))
+        h = np.asarray(_block(num_heads=2, mlp_dim=16).apply({"params": params[f"encoderblock_{i}"]}, h))
         np.testing.assert_allclose(aux[f"encoderblock_{i}"], h, atol=1e-5)
     np.testing.assert_allclose(y, _np_layer_norm(h, params["encoder_norm"], 1e-6), atol=1e-4)
-    no_norm = Encoder(depth=1, num_heads=2, mlp_dim=16, final_norm=False).init(jax.random.key(0), x)["params"]
+    no_norm = _encoder(depth=1, num_heads=2, mlp_dim=16, final_norm=False).init(jax.random.key(0), x)["params"]
     assert "encoder_norm" not in no_norm
 
 
 def test_encoder_scan_equals_loop_with_stacked_params():
     enc, x, params = _encoder_and_params()
-    scan_enc = Encoder(depth=DEPTH, num_heads=2, mlp_dim=16, scan=True)
+    scan_enc = _encoder(depth=DEPTH, num_heads=2, mlp_dim=16, scan=True)
     stacked = stack_layers(params, DEPTH)
     init_shapes = jax.eval_shape(scan_enc.init, jax.random.key(0), x)["params"]
     assert jax.tree.map(jnp.shape, init_shapes) == jax.tree.map(jnp.shape, stacked)
@@ -185,24 +198,24 @@ def test_encoder_scan_equals_loop_with_stacked_params():
 
 def test_encoder_remat_same_output_and_gradient():
     enc, x, params = _encoder_and_params()
-    remat = Encoder(depth=DEPTH, num_heads=2, mlp_dim=16, remat=True)
+    remat = _encoder(depth=DEPTH, num_heads=2, mlp_dim=16, remat=True)
     loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x)[0] ** 2)))  # noqa
     (v1, g1), (v2, g2) = loss(enc)(params), loss(remat)(params)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g1, g2)
-    scan_remat = Encoder(depth=DEPTH, num_heads=2, mlp_dim=16, remat=True, scan=True)
+    scan_remat = _encoder(depth=DEPTH, num_heads=2, mlp_dim=16, remat=True, scan=True)
     v3, g3 = loss(scan_remat)(stack_layers(params, DEPTH))
     np.testing.assert_allclose(v3, v1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g3, stack_layers(g1, DEPTH))
 
 
 def test_encoder_drop_path_rates_and_training_randomness():
-    enc = Encoder(depth=5, num_heads=2, mlp_dim=8, drop_path_rate=0.4)
-    np.testing.assert_allclose(enc.drop_path_rates(), [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-7)
+    enc = _encoder(depth=5, num_heads=2, mlp_dim=8, drop_path_rate=0.4)
+    np.testing.assert_allclose(enc.config.drop_path_rates(), [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-7)
     x = np.random.RandomState(4).randn(64, 3, 8).astype(np.float32)
     for scan in (False, True):
         # depth 1: the only block has rate 0.5 on each of its two residual branches
-        enc = Encoder(depth=1, num_heads=2, mlp_dim=8, drop_path_rate=0.5, scan=scan, final_norm=False)
+        enc = _encoder(depth=1, num_heads=2, mlp_dim=8, drop_path_rate=0.5, scan=scan, final_norm=False)
         params = enc.init(jax.random.key(0), x)["params"]
         det = enc.apply({"params": params}, x)[0]
         tr1 = enc.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})[0]
@@ -212,11 +225,11 @@ def test_encoder_drop_path_rates_and_training_randomness():
         identity = np.all(np.isclose(tr1, x, atol=1e-6), axis=(1, 2))
         assert 0 < identity.sum() < 40
     with pytest.raises(ValueError, match="drop_path_rate"):
-        Encoder(depth=2, num_heads=2, mlp_dim=8, drop_path_rate=1.0).init(jax.random.key(0), x)
+        _encoder(depth=2, num_heads=2, mlp_dim=8, drop_path_rate=1.0).init(jax.random.key(0), x)
 
 
 def test_encoder_bfloat16_compute_float32_params():
-    enc = Encoder(depth=1, num_heads=2, mlp_dim=8, dtype=jnp.bfloat16)
+    enc = _encoder(depth=1, num_heads=2, mlp_dim=8, dtype=jnp.bfloat16)
     x = jnp.ones((1, 3, 8), jnp.float32)
     variables = enc.init(jax.random.key(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
@@ -248,3 +261,61 @@ def test_learned_position_embedding_and_size_error():
 def test_public_names_exported():
     for name in layers.__all__:
         assert hasattr(layers, name)
+
+
+def test_encoder_config_is_one_frozen_validated_dataclass():
+    cfg = EncoderConfig(num_heads=2, mlp_dim=16, depth=3, width=8)
+    with pytest.raises(AttributeError):  # frozen: a model cannot change it behind the others' backs
+        cfg.depth = 4  # type: ignore[misc]
+    assert hash(cfg) == hash(EncoderConfig(num_heads=2, mlp_dim=16, depth=3, width=8))
+    assert cfg.replace(scan=True).scan and not cfg.scan
+    for bad, match in [
+        (dict(depth=0), "depth must be a positive int, got depth=0"),
+        (dict(num_heads=0), "num_heads must be a positive int"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\)"),
+        (dict(width=9), "width=9 is not divisible by num_heads=2"),
+        (dict(activation="gelu2"), "activation='gelu2'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cfg.replace(**bad)
+    # a set width is checked against the inputs
+    with pytest.raises(ValueError, match="x has width 6.*width=8"):
+        EncoderBlock(cfg).init(jax.random.key(0), jnp.ones((1, 3, 6)))
+
+
+def test_one_activation_table_gelu_exact_and_tanh_named_apart():
+    # "gelu" is the exact erf GELU (PyTorch / HF), "gelu_tanh" the approximation; the graph models use this table
+    from mmjax import graph_models
+
+    assert graph_models.ACTIVATIONS is ACTIVATIONS
+    x = jnp.linspace(-3.0, 3.0, 13)
+    assert np.array_equal(get_activation("gelu")(x), jax.nn.gelu(x, approximate=False))
+    assert np.array_equal(get_activation("gelu_tanh")(x), jax.nn.gelu(x, approximate=True))
+    assert np.array_equal(get_activation("elu")(x), jax.nn.elu(x))
+
+
+def test_learned_posemb_one_implementation_module_and_function_agree():
+    class AddPos(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return add_learned_posemb(self, x, owner="AddPos")
+
+    x = jnp.zeros((2, 5, 4))
+    p_mod = LearnedPositionEmbedding().init(jax.random.key(0), x)["params"]
+    p_fun = AddPos().init(jax.random.key(0), x)["params"]
+    assert np.array_equal(p_mod["pos_embedding"], p_fun["pos_embedding"])  # same init, same rng use
+    with pytest.raises(ValueError, match=r"AddPos: the inputs give 6 tokens.*\(1, 5, 4\)"):
+        AddPos().apply({"params": p_fun}, jnp.zeros((2, 6, 4)))
+
+
+def test_one_l2_normalize_for_models_and_evaluation():
+    from mmjax import clip, evaluate
+
+    assert clip.l2_normalize is l2_normalize_layers and evaluate.l2_normalize is l2_normalize_layers
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    got_np = l2_normalize_layers(x)  # NumPy in: NumPy float64 out (host evaluation)
+    assert isinstance(got_np, np.ndarray) and got_np.dtype == np.float64
+    np.testing.assert_array_equal(got_np, [[0.6, 0.8], [0.0, 0.0]])
+    got_jax = jax.jit(l2_normalize_layers)(jnp.asarray(x, jnp.bfloat16))  # jax in (traced): float32 jax out
+    assert isinstance(got_jax, jax.Array) and got_jax.dtype == jnp.float32
+    np.testing.assert_allclose(got_jax, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)

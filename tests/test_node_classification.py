@@ -70,8 +70,9 @@ def test_gcn_matches_dense_formula():
     p0, p1 = params["conv_0"], params["conv_1"]
     h = np.tanh(a_hat @ g.nodes @ np.asarray(p0["kernel"]) + np.asarray(p0["bias"]))
     expected = a_hat @ h @ np.asarray(p1["kernel"]) + np.asarray(p1["bias"])
-    out = jax.jit(lambda p: m.apply({"params": p}, g))(params)
-    fast = jax.jit(lambda p, a: m.apply({"params": p}, g, adjacency=a))(params, gnn.gcn_adjacency(g))
+    out, aux = jax.jit(lambda p: m.apply({"params": p}, g))(params)  # (output, intermediates), as every model
+    fast, _ = jax.jit(lambda p, a: m.apply({"params": p}, g, adjacency=a))(params, gnn.gcn_adjacency(g))
+    np.testing.assert_allclose(aux["hidden"], h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fast, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="activation"):

@@ -115,3 +115,20 @@ def test_bad_inputs(ids, params):
         model.apply({"params": params}, ids, jnp.ones((3, 7), bool))
     with pytest.raises(ValueError, match="pooling"):
         make(pooling="max").apply({"params": params}, ids)
+
+
+def test_encoder_config_whole_equals_the_keywords_and_clashes_raise():
+    from mmjax.layers import EncoderConfig
+
+    ids = np.array([[1, 4, 9, 0, 0]], np.int32)
+    flat = TextTransformer(vocab_size=10, width=8, depth=2, num_heads=2, context_length=5, eot_id=9)
+    cfg = flat.get_encoder_config()
+    assert cfg == EncoderConfig(width=8, depth=2, num_heads=2, mlp_dim=32, activation="quick_gelu", layer_norm_eps=1e-5)
+    whole = TextTransformer(vocab_size=10, encoder_config=cfg, context_length=5, eot_id=9)
+    p1, p2 = flat.init(jax.random.key(0), ids)["params"], whole.init(jax.random.key(0), ids)["params"]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), p1, p2))
+    assert np.array_equal(flat.apply({"params": p1}, ids)[0], whole.apply({"params": p1}, ids)[0])
+    with pytest.raises(ValueError, match="encoder_config is given together with the encoder keywords depth=3"):
+        TextTransformer(vocab_size=10, depth=3, encoder_config=cfg).init(jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="width is not set"):
+        TextTransformer(vocab_size=10).init(jax.random.key(0), ids)

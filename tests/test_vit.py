@@ -103,7 +103,7 @@ def test_pooling_types():
     # the MAP probe attends over all tokens: permuting tokens of the encoder output leaves it unchanged
     from mmjax.vit import MAPHead
 
-    head = MAPHead(num_heads=2, mlp_dim=32)
+    head = MAPHead(mapm.get_encoder_config())  # the tower's config, passed whole
     enc = aux3["encoded"]
     pooled_map = head.apply({"params": p3["map_head"]}, enc)
     np.testing.assert_allclose(pooled_map, aux3["pooled"], atol=1e-6)
@@ -273,3 +273,53 @@ def test_matmul_stem_equals_conv_stem(size):
     assert float(jnp.abs(g_conv["stem_conv_0"]["kernel"]).max()) > 1e-2
     with pytest.raises(ValueError, match=r"stem_impl must be one of \('conv', 'matmul'\), got 'im2col'"):
         ViT(**kw, stem_impl="im2col")
+
+
+def test_integer_images_raise_naming_the_dtype_and_the_fix():
+    model = ViT(**TINY, num_classes=3)
+    pixels = (np.random.RandomState(0).rand(2, 8, 8, 3) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"dtype uint8 \(shape \(2, 8, 8, 3\)\).*NHWC.*astype\(jnp.float32\) / 255"):
+        model.init(jax.random.key(0), pixels)
+    params = model.init(jax.random.key(0), pixels.astype(np.float32) / 255)["params"]
+    with pytest.raises(ValueError, match="dtype int32"):
+        jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(pixels, jnp.int32))
+
+
+def test_float64_images_run_in_float64_under_x64_and_are_downcast_without():
+    images = _images().astype(np.float64)
+    model = ViT(**TINY, num_classes=3, head_zero_init=False)
+    params = model.init(jax.random.key(0), images)["params"]
+    logits32, _ = model.apply({"params": params}, images.astype(np.float32))
+    logits, _ = model.apply({"params": params}, images)  # no x64: jax downcasts float64 to float32 silently
+    assert logits.dtype == jnp.float32 and np.array_equal(logits, logits32)
+    with jax.enable_x64(True):
+        m64 = ViT(**TINY, num_classes=3, head_zero_init=False, param_dtype=jnp.float64)
+        p64 = m64.init(jax.random.key(0), images)["params"]
+        out64, aux = m64.apply({"params": p64}, images)
+        assert aux["encoded"].dtype == jnp.float64
+
+
+def test_encoder_config_whole_equals_the_keywords():
+    from mmjax.layers import EncoderConfig
+
+    kw = dict(width=16, depth=2, num_heads=2, mlp_dim=32, activation="quick_gelu", layer_norm_eps=1e-5)
+    flat = ViT(variant=None, patch_size=4, num_classes=3, head_zero_init=False, dropout_rate=0.1, **kw)
+    whole = ViT(
+        variant=None,
+        patch_size=4,
+        num_classes=3,
+        head_zero_init=False,
+        encoder_config=EncoderConfig(dropout_rate=0.1, **kw),
+    )
+    assert flat.get_encoder_config() == whole.get_encoder_config()
+    images = _images()
+    p1, p2 = flat.init(jax.random.key(0), images)["params"], whole.init(jax.random.key(0), images)["params"]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), p1, p2))
+    rng = {"dropout": jax.random.key(1)}
+    o1 = flat.apply({"params": p1}, images, train=True, rngs=rng)[0]
+    o2 = whole.apply({"params": p1}, images, train=True, rngs=rng)[0]
+    assert np.array_equal(o1, o2)
+    with pytest.raises(ValueError, match="encoder_config is given together with the encoder keywords width=16"):
+        ViT(variant=None, patch_size=4, width=16, encoder_config=EncoderConfig(width=16, num_heads=2, mlp_dim=8))
+    with pytest.raises(ValueError, match="encoder_config.width is None"):
+        ViT(variant=None, patch_size=4, encoder_config=EncoderConfig(num_heads=2, mlp_dim=8))

@@ -342,7 +342,9 @@ def _check_hf_compatible(model: ViT) -> None:
         patch_bias=True,
         attention_bias=True,
     )
-    wrong = {k: getattr(model, k) for k, v in needs.items() if getattr(model, k) != v}
+    have = {k: getattr(model, k) for k in needs}
+    have["attention_bias"] = model.get_encoder_config().attention_bias  # also when given as encoder_config
+    wrong = {k: have[k] for k, v in needs.items() if have[k] != v}
     if wrong:
         raise ValueError(f"this ViT has no Hugging Face ViT equivalent: {wrong} (HF ViT needs {needs}).")
     if model.num_classes and model.representation_size is not None:
@@ -364,6 +366,7 @@ def to_hf_config(model: ViT, params: Mapping[str, Any]) -> dict[str, Any]:
     """
     _check_hf_compatible(model)
     s = model.sizes()
+    enc = model.get_encoder_config()
     patches = int(np.shape(params["pos_embedding"])[1]) - 1
     side = int(round(patches**0.5))
     if side * side != patches:
@@ -378,8 +381,8 @@ def to_hf_config(model: ViT, params: Mapping[str, Any]) -> dict[str, Any]:
         patch_size=s["patch_size"],
         image_size=side * s["patch_size"],
         num_channels=int(np.shape(params["embedding"]["kernel"])[2]),
-        hidden_act=_TO_HF_ACTIVATIONS[model.activation],
-        layer_norm_eps=model.layer_norm_eps,
+        hidden_act=_TO_HF_ACTIVATIONS[enc.activation],
+        layer_norm_eps=enc.layer_norm_eps,
         qkv_bias=True,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
