@@ -19,6 +19,7 @@ from mmjax.train.distributed import distributed_settings, initialize
 from mmjax.train.metrics import read_metrics
 from mmjax.train.optimizer import param_path
 from tests.jobs.contrastive_job import tiny_config
+from tests.tolerances import adam_params_atol, float32_atol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 6  # seconds without heartbeats before a process is declared dead
@@ -74,7 +75,10 @@ def _finish(procs, timeout=300):
 
 
 def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatch):
-    config = tiny_config(**{"parallel.mode": "sharded", "num_steps": 3, "checkpoint_every": 0})
+    # Adam eps 1e-2, as in tests/test_contrastive.py::test_modes_agree_with_and_without_grad_cache: the two layouts
+    # sum gradients in other orders, and with a tiny eps Adam turns the round-off of identically-zero gradients (the
+    # attention key biases) into steps of up to lr; with 1e-2 the parameters' difference has the bound used below.
+    config = tiny_config(**{"parallel.mode": "sharded", "num_steps": 3, "checkpoint_every": 0, "optimizer.eps": 1e-2})
     out = str(tmp_path / "two.npz")
     procs = _start(config, str(tmp_path / "two"), out)
     # meanwhile, the reference: one process, 8 devices, the same global batches (the two host shards, concatenated)
@@ -88,8 +92,9 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatc
     # only process 0 writes metrics.jsonl: one record per step (two processes appending would give two)
     records = read_metrics(os.path.join(tmp_path, "two", "metrics.jsonl"))
     assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval")]
-    np.testing.assert_allclose(two["train_loss"], reference["train_loss"], rtol=1e-5)
-    np.testing.assert_allclose(two["eval_loss"], reference["eval_loss"], rtol=1e-5)
+    # losses of O(1) summed over B * L = 256 terms of a few layers: float32 round-off far below 1e-4 (measured ~3e-6)
+    np.testing.assert_allclose(two["train_loss"], reference["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["eval_loss"], reference["eval_loss"], rtol=1e-4)
     assert two["eval_count"] == reference["eval_count"] == 32.0  # each host evaluated its own half
     from mmjax.train import Checkpointer
 
@@ -99,8 +104,14 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatc
     saved = np.load(out)
     flat = {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert sorted(flat) == sorted(saved.files)
+    opt = config["optimizer"]
+    # gradient entries are clipped to global norm c; their round-off between layouts is <= float32_atol(c, terms)
+    dg = float32_atol(opt["grad_clip"], terms=4 * np.sqrt(config["batch_size"] * config["model"]["context_length"]))
     for name, value in flat.items():
-        np.testing.assert_allclose(saved[name], value, atol=2e-5, rtol=1e-4, err_msg=name)
+        atol = adam_params_atol(
+            steps=3, lr=opt["lr"], adam_eps=opt["eps"], grad_atol=dg, param_scale=np.abs(value).max()
+        )
+        np.testing.assert_allclose(saved[name], value, rtol=0, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("victim", [1])  # victim 0 (the coordinator): tests/test_multihost_agree.py, then resumed
