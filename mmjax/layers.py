@@ -45,6 +45,7 @@ __all__ = [
     "drop_path",
     "Mlp",
     "EncoderConfig",
+    "refuse_encoder_keywords_beside_config",
     "EncoderBlock",
     "Encoder",
     "posemb_sincos_2d",
@@ -271,6 +272,32 @@ class EncoderConfig:
         if self.depth == 1:
             return np.full((1,), self.drop_path_rate, np.float32)
         return np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+
+
+def refuse_encoder_keywords_beside_config(module: nn.Module, keywords: tuple[str, ...]) -> None:
+    """Raise if ``module`` got ``encoder_config`` together with any of its encoder ``keywords`` set.
+
+    A model such as :class:`mmjax.vit.ViT` takes its encoder options either as keywords or whole as an
+    :class:`EncoderConfig`; a keyword that differs from its default beside a config would be silently ignored.
+
+    Example:
+      >>> from mmjax.text import TextTransformer
+      >>> cfg = EncoderConfig(width=8, depth=1, num_heads=2, mlp_dim=16)
+      >>> try:
+      ...     refuse_encoder_keywords_beside_config(TextTransformer(vocab_size=5, depth=3, encoder_config=cfg), ("depth",))
+      ... except ValueError as e:
+      ...     print(str(e).split(";")[0])
+      TextTransformer: encoder_config is given together with the encoder keywords depth=3
+    """
+    name = type(module).__name__
+    defaults = {f.name: f.default for f in dataclasses.fields(type(module))}
+    clash = [n for n in keywords if getattr(module, n) != defaults[n]]
+    if clash:
+        given = ", ".join(f"{n}={getattr(module, n)!r}" for n in clash)
+        raise ValueError(
+            f"{name}: encoder_config is given together with the encoder keywords {given}; pass the encoder options "
+            "in one place, e.g. encoder_config=config.replace(...)."
+        )
 
 
 class EncoderBlock(nn.Module):

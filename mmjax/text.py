@@ -26,14 +26,13 @@ Parameter tree (what the converter maps)::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Encoder, EncoderConfig
+from mmjax.layers import Encoder, EncoderConfig, refuse_encoder_keywords_beside_config
 
 __all__ = ["TextTransformer", "pool_tokens", "POOLING_MODES"]
 
@@ -174,14 +173,7 @@ class TextTransformer(nn.Module):
                     f"TextTransformer: encoder_config must be an mmjax.layers.EncoderConfig with width set, got "
                     f"{cfg!r}."
                 )
-            defaults = {f.name: f.default for f in dataclasses.fields(TextTransformer)}
-            clash = [n for n in _ENCODER_KEYWORDS if getattr(self, n) != defaults[n]]
-            if clash:
-                given = ", ".join(f"{n}={getattr(self, n)!r}" for n in clash)
-                raise ValueError(
-                    f"TextTransformer: encoder_config is given together with the encoder keywords {given}; pass the "
-                    "encoder options in one place, e.g. encoder_config=config.replace(...)."
-                )
+            refuse_encoder_keywords_beside_config(self, _ENCODER_KEYWORDS)
             return cfg.replace(final_norm=True)
         for name in ("width", "depth", "num_heads"):
             if getattr(self, name) is None:

@@ -19,7 +19,6 @@ Parameter tree of :class:`ViT` (names a converter maps to)::
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -28,7 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.attention import MultiHeadAttention
-from mmjax.layers import Encoder, EncoderConfig, Mlp, add_learned_posemb, get_activation, posemb_sincos_2d
+from mmjax.layers import (
+    Encoder,
+    EncoderConfig,
+    Mlp,
+    add_learned_posemb,
+    get_activation,
+    posemb_sincos_2d,
+    refuse_encoder_keywords_beside_config,
+)
 
 Dtype = Any
 Array = jax.Array
@@ -373,14 +380,7 @@ class ViT(nn.Module):
             )
         if cfg.width is None:
             raise ValueError("ViT: encoder_config.width is None; the ViT needs it set (EncoderConfig(width=...)).")
-        defaults = {f.name: f.default for f in dataclasses.fields(ViT)}
-        clash = [n for n in _ENCODER_KEYWORDS if getattr(self, n) != defaults[n]]
-        if clash:
-            given = ", ".join(f"{n}={getattr(self, n)!r}" for n in clash)
-            raise ValueError(
-                f"ViT: encoder_config is given together with the encoder keywords {given}; pass the encoder options "
-                "in one place, e.g. encoder_config=config.replace(...)."
-            )
+        refuse_encoder_keywords_beside_config(self, _ENCODER_KEYWORDS)
         out = dict(width=cfg.width, depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads)
         patch = self.patch_size if self.patch_size is not None else variant_patch
         if patch is not None:
