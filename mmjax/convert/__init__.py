@@ -21,6 +21,7 @@ from mmjax.convert.io import (
     save_hf_dir,
     to_numpy_state_dict,
 )
+from mmjax.errors import UserError
 
 __all__ = [
     "CONVERTERS",
@@ -54,7 +55,7 @@ def register(model_type: str, converter: str | Callable[..., Any]) -> None:
 
 def _resolve(model_type: Any) -> Callable[..., Any]:
     if model_type not in CONVERTERS:
-        raise ValueError(
+        raise UserError(
             f"config model_type={model_type!r} has no converter; supported: {sorted(CONVERTERS)} "
             "(add one with mmjax.convert.register)."
         )
@@ -70,7 +71,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
         return config.to_dict()
     if isinstance(config, Mapping):
         return dict(config)
-    raise ValueError(f"config must be a dict or a transformers config (with to_dict()), got {type(config).__name__}.")
+    raise UserError(f"config must be a dict or a transformers config (with to_dict()), got {type(config).__name__}.")
 
 
 def from_hf(source: Any, config: Any = None, **model_options: Any) -> tuple[Any, Any]:
@@ -110,25 +111,25 @@ def from_hf(source: Any, config: Any = None, **model_options: Any) -> tuple[Any,
     """
     if isinstance(source, (str, os.PathLike)):
         if config is not None:
-            raise ValueError("from_hf(directory): config comes from the directory's config.json; do not pass one.")
+            raise UserError("from_hf(directory): config comes from the directory's config.json; do not pass one.")
         config_dict = load_config(source)
         state_dict = load_state_dict(source)
     elif isinstance(source, tuple) and len(source) == 2 and config is None:
         state_dict, config_dict = to_numpy_state_dict(source[0]), _config_dict(source[1])
     elif hasattr(source, "state_dict") and hasattr(source, "config"):
         if config is not None:
-            raise ValueError("from_hf(model): the config is taken from model.config; do not pass one.")
+            raise UserError("from_hf(model): the config is taken from model.config; do not pass one.")
         config_dict = _config_dict(source.config)
         state_dict = to_numpy_state_dict(source.state_dict())
     elif isinstance(source, Mapping):
         if config is None:
-            raise ValueError("from_hf(state_dict): pass config=... (a dict or transformers config) as well.")
+            raise UserError("from_hf(state_dict): pass config=... (a dict or transformers config) as well.")
         state_dict, config_dict = to_numpy_state_dict(source), _config_dict(config)
     else:
-        raise ValueError(
+        raise UserError(
             f"source must be a model directory, a transformers model, a state dict (with config=) or a "
             f"(state_dict, config) tuple; got {type(source).__name__}."
         )
     if "model_type" not in config_dict:
-        raise ValueError(f"config has no 'model_type' (keys: {sorted(config_dict)}); cannot choose a converter.")
+        raise UserError(f"config has no 'model_type' (keys: {sorted(config_dict)}); cannot choose a converter.")
     return _resolve(config_dict["model_type"])(state_dict, config_dict, **model_options)

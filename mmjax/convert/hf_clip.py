@@ -40,6 +40,7 @@ import numpy as np
 
 from mmjax.clip import CLIP, CLIPConfig, as_config
 from mmjax.convert.io import check_state_dict, load_config, load_state_dict, save_hf_dir, to_numpy_state_dict
+from mmjax.errors import UserError
 from mmjax.keypath import set_path
 
 __all__ = [
@@ -84,7 +85,7 @@ def hf_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
     """
     c = config
     if c.vision_stem_features:
-        raise ValueError(
+        raise UserError(
             f"hf_shapes: vision_stem_features={c.vision_stem_features} (a hybrid image tower) has no "
             "Hugging Face CLIP equivalent; only configs with vision_stem_features=() convert."
         )
@@ -189,7 +190,7 @@ def _drop_buffers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if name in sd:
             value = np.asarray(sd.pop(name))
             if not np.array_equal(value.reshape(-1), np.arange(value.size)):
-                raise ValueError(f"state dict: buffer {name!r} must be arange({value.size}); got other values.")
+                raise UserError(f"state dict: buffer {name!r} must be arange({value.size}); got other values.")
     return sd
 
 
@@ -262,7 +263,7 @@ def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str,
     """
     p = _tree_map(np.asarray, dict(params))
     if "logit_bias" in p:
-        raise ValueError("to_hf_state_dict: params have a logit_bias, which Hugging Face CLIPModel cannot hold.")
+        raise UserError("to_hf_state_dict: params have a logit_bias, which Hugging Face CLIPModel cannot hold.")
     c = config
     T, V = "text_model", "vision_model"
     try:
@@ -286,7 +287,7 @@ def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str,
         sd.update(_encoder_to_hf(t["encoder"], T, c.text_depth, c.scan))
         sd.update(_encoder_to_hf(v["encoder"], V, c.vision_depth, c.scan))
     except KeyError as e:
-        raise ValueError(f"to_hf_state_dict: params lack {e}; expected the tree of mmjax.clip.CLIP({c}).") from e
+        raise UserError(f"to_hf_state_dict: params lack {e}; expected the tree of mmjax.clip.CLIP({c}).") from e
     sd = {k: _contiguous(x) for k, x in sd.items()}
     check_state_dict(sd, hf_shapes(c), what="mmjax CLIP params (as a Hugging Face state dict)")
     return sd
@@ -321,7 +322,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any, **model_optio
     """
     unknown = sorted(set(model_options) - set(_CONFIG_OPTIONS) - {"dtype", "param_dtype"})
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"from_hf (clip): unknown model options {unknown}; valid: "
             f"{sorted(_CONFIG_OPTIONS + ('dtype', 'param_dtype'))}."
         )
@@ -423,11 +424,11 @@ def load_dir(directory: str | os.PathLike) -> tuple[CLIPConfig, dict[str, Any]]:
     cfg_path, params_path = os.path.join(directory, MMJAX_CONFIG), os.path.join(directory, MMJAX_PARAMS)
     for path in (cfg_path, params_path):
         if not os.path.isfile(path):
-            raise ValueError(f"load_dir: {path!r} is missing; expected a directory written by convert_hf_dir/save_dir.")
+            raise UserError(f"load_dir: {path!r} is missing; expected a directory written by convert_hf_dir/save_dir.")
     with open(cfg_path) as f:
         meta = json.load(f)
     if meta.get("model") != "clip":
-        raise ValueError(f"load_dir: {cfg_path!r} describes model {meta.get('model')!r}, not 'clip'.")
+        raise UserError(f"load_dir: {cfg_path!r} describes model {meta.get('model')!r}, not 'clip'.")
     return CLIPConfig.from_dict(meta["config"]), unflatten_params(load_file(params_path))
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.convert.io import check_state_dict
+from mmjax.errors import UserError
 from mmjax.layers import stack_layers
 from mmjax.vit import ViT
 
@@ -105,7 +106,7 @@ def normalize_names(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         if new in _IGNORED:
             continue
         if new in out:
-            raise ValueError(f"state dict has both {original[new]!r} and {name!r}, which are the same weight {new!r}.")
+            raise UserError(f"state dict has both {original[new]!r} and {name!r}, which are the same weight {new!r}.")
         out[new] = value
         original[new] = name
     return out, original
@@ -114,7 +115,7 @@ def normalize_names(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict
 def _pair(value: Any, name: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"config {name}={value!r}: only square sizes are supported.")
+            raise UserError(f"config {name}={value!r}: only square sizes are supported.")
         value = value[0]
     return int(value)
 
@@ -144,7 +145,7 @@ def vit_options(config: Mapping[str, Any], *, num_classes: int, pooler: bool) ->
     width, heads = int(get("hidden_size", 768)), int(get("num_attention_heads", 12))
     head_dim = get("head_dim")
     if head_dim is not None and heads * int(head_dim) != width:
-        raise ValueError(
+        raise UserError(
             f"config head_dim={head_dim} with num_attention_heads={heads} gives {heads * int(head_dim)} != "
             f"hidden_size={width}; mmjax ViT needs head_dim = hidden_size / num_attention_heads."
         )
@@ -172,7 +173,7 @@ def vit_options(config: Mapping[str, Any], *, num_classes: int, pooler: bool) ->
 
 def _activation(name: str, field: str) -> str:
     if name not in HF_ACTIVATIONS:
-        raise ValueError(f"config {field}={name!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}.")
+        raise UserError(f"config {field}={name!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}.")
     return HF_ACTIVATIONS[name]
 
 
@@ -346,9 +347,9 @@ def _check_hf_compatible(model: ViT) -> None:
     have["attention_bias"] = model.get_encoder_config().attention_bias  # also when given as encoder_config
     wrong = {k: have[k] for k, v in needs.items() if have[k] != v}
     if wrong:
-        raise ValueError(f"this ViT has no Hugging Face ViT equivalent: {wrong} (HF ViT needs {needs}).")
+        raise UserError(f"this ViT has no Hugging Face ViT equivalent: {wrong} (HF ViT needs {needs}).")
     if model.num_classes and model.representation_size is not None:
-        raise ValueError(
+        raise UserError(
             "ViTForImageClassification has no pooler: a ViT with both num_classes > 0 and "
             f"representation_size={model.representation_size} cannot be written in HF layout."
         )
@@ -370,7 +371,7 @@ def to_hf_config(model: ViT, params: Mapping[str, Any]) -> dict[str, Any]:
     patches = int(np.shape(params["pos_embedding"])[1]) - 1
     side = int(round(patches**0.5))
     if side * side != patches:
-        raise ValueError(f"pos_embedding covers {patches} patches, not a square grid; HF ViT needs square images.")
+        raise UserError(f"pos_embedding covers {patches} patches, not a square grid; HF ViT needs square images.")
     config = dict(
         model_type="vit",
         architectures=["ViTForImageClassification" if model.num_classes else "ViTModel"],

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mmjax.errors import UserError
+
 __all__ = [
     "load_config",
     "load_state_dict",
@@ -32,7 +34,7 @@ _CONFIG = "config.json"
 def _check_dir(directory: str | os.PathLike) -> str:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise ValueError(f"directory={directory!r} is not a directory; pass a folder with config.json and weights.")
+        raise UserError(f"directory={directory!r} is not a directory; pass a folder with config.json and weights.")
     return directory
 
 
@@ -57,7 +59,7 @@ def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = _check_dir(directory)
     path = os.path.join(directory, _CONFIG)
     if not os.path.isfile(path):
-        raise ValueError(f"{path!r} does not exist; the directory needs the model's config.json.")
+        raise UserError(f"{path!r} does not exist; the directory needs the model's config.json.")
     with open(path) as f:
         return json.load(f)
 
@@ -104,14 +106,14 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError as e:
-            raise ValueError(
+            raise UserError(
                 f"{torch_bin!r} is a PyTorch pickle and torch is not installed. Convert it once where torch is "
                 "available: `from safetensors.torch import save_file; import torch; "
                 f"save_file(torch.load('{torch_bin}', weights_only=True), '{single}', metadata={{'format': 'pt'}})`, "
                 "or install torch."
             ) from e
         return to_numpy_state_dict(torch.load(torch_bin, map_location="cpu", weights_only=True))
-    raise ValueError(
+    raise UserError(
         f"directory={directory!r} has no weights: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN} "
         f"(found {sorted(os.listdir(directory))})."
     )
@@ -153,7 +155,7 @@ def to_numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in state_dict.items():
         if not isinstance(name, str):
-            raise ValueError(f"state_dict keys must be strings, got {name!r} ({type(name).__name__}).")
+            raise UserError(f"state_dict keys must be strings, got {name!r} ({type(name).__name__}).")
         out[name] = _tensor_to_numpy(value)
     return out
 
@@ -184,7 +186,7 @@ def check_state_dict(
       >>> check_state_dict({"w": np.zeros((2, 3)), "x": np.zeros(1)}, {"w": (3, 2)})
       Traceback (most recent call last):
       ...
-      ValueError: state dict does not match: unknown keys ['x']; mis-shaped keys ['w: got (2, 3), expected (3, 2)']
+      mmjax.errors.UserError: state dict does not match: unknown keys ['x']; mis-shaped keys ['w: got (2, 3), expected (3, 2)']
     """
     shape_of = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)  # noqa: E731
     display = display or {}
@@ -204,7 +206,7 @@ def check_state_dict(
     if misshaped:
         problems.append(f"mis-shaped keys {misshaped}")
     if problems:
-        raise ValueError(f"{what} does not match: " + "; ".join(problems))
+        raise UserError(f"{what} does not match: " + "; ".join(problems))
 
 
 def save_hf_dir(directory: str | os.PathLike, state_dict: Mapping[str, Any], config: Mapping[str, Any] | Any) -> None:
