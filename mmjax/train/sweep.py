@@ -20,11 +20,11 @@ import copy
 import json
 import math
 import numbers
-import os
 from collections.abc import Callable
 from typing import Any
 
 from mmjax.errors import ConfigError
+from mmjax.train import storage
 
 __all__ = ["parse_seed_list", "run_seed_sweep", "summarize_seeds", "format_summary", "SUMMARY_FILE", "RESULT_FILE"]
 
@@ -104,25 +104,21 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return None
 
 
 def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _finished_result(config, run_dir: str):
     """The saved result of a finished run in ``run_dir`` whose saved config equals ``config`` merged, else None."""
     from mmjax.train.config import prepare_config, to_json
 
-    result = _read_json(os.path.join(run_dir, RESULT_FILE))
-    saved = _read_json(os.path.join(run_dir, "config.json"))
+    result = _read_json(storage.join(run_dir, RESULT_FILE))
+    saved = _read_json(storage.join(run_dir, "config.json"))
     if not result or result.get("preempted", True) or saved is None:
         return None
     return result if saved == json.loads(to_json(prepare_config(config))) else None
@@ -142,21 +138,19 @@ def run_seed_sweep(config, workdir: str, seeds: list[int], train: Callable | Non
     """
     if train is None:
         from mmjax.train import train_and_evaluate as train
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.resolve(workdir)  # a local path made absolute; a URI (gs://...) kept, as the engine does
     results: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         run_config = copy.deepcopy(config)
         run_config.seed = seed
-        run_dir = os.path.join(workdir, f"seed_{seed}")
-        result = _finished_result(run_config, run_dir) if os.path.isdir(run_dir) else None
+        run_dir = storage.join(workdir, f"seed_{seed}")
+        result = _finished_result(run_config, run_dir) if storage.exists(run_dir) else None
         if result is None:
             result = train(run_config, run_dir)
             if result.get("preempted"):
                 return {"preempted": True, "seed": seed, "workdir": run_dir, "result": result}
-            os.makedirs(run_dir, exist_ok=True)
-            _write_json(os.path.join(run_dir, RESULT_FILE), result)
+            _write_json(storage.join(run_dir, RESULT_FILE), result)
         results[seed] = result
     summary = summarize_seeds(results)
-    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    _write_json(storage.join(workdir, SUMMARY_FILE), summary)
     return summary
