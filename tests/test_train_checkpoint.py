@@ -1,4 +1,4 @@
-"""Checkpoints: save/restore, keep-last-K, exact resume after kill -9, SIGTERM, corrupt and incompatible errors."""
+"""Checkpoints: save/restore, keep-last-K, exact resume after kill -9, SIGTERM (also during set-up), corrupt and incompatible errors."""
 
 import json
 import os
@@ -116,6 +116,42 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     assert result["preempted"] is True and result["step"] < STEPS
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == result["step"]  # the step it stopped at was saved
+    ckpt.close()
+
+
+class SignalledDuringSetupTask:
+    """ClassificationTask that sends SIGTERM to its own process when it is built, i.e. during the loop's set-up,
+    before data loading, initialisation and compilation are done."""
+
+    @staticmethod
+    def default_config():
+        """The classification task's keys and defaults."""
+        from mmjax.train.classification import ClassificationTask
+
+        return ClassificationTask.default_config()
+
+    def __new__(cls, config):
+        from mmjax.train.classification import ClassificationTask
+
+        task = ClassificationTask(config)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return task
+
+
+def test_sigterm_during_setup_stops_after_the_first_step(data_dir, tmp_path):
+    # the test's own handler stands in for the default action (which would kill the test process): before the loop
+    # installed its handler at the start, the signal reached this one and training ran to the end
+    outer = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: outer.append(args))
+    try:
+        config = tiny_config(data_dir, task="tests.test_train_checkpoint:SignalledDuringSetupTask", num_steps=STEPS)
+        result = train_and_evaluate(config, str(tmp_path / "w"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not outer, "the SIGTERM reached the handler outside the loop"
+    assert result["preempted"] is True and result["step"] == 1, result
+    ckpt = Checkpointer(os.path.join(tmp_path, "w", "checkpoints"))
+    assert ckpt.latest_step() == 1
     ckpt.close()
 
 

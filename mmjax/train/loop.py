@@ -6,8 +6,8 @@
 4. restore the latest checkpoint of ``workdir/checkpoints`` if there is one (an unreadable or mismatching one is an
    error) - the data order, dropout keys and schedule all derive from the step, so the run continues exactly;
 5. run the steps: log train metrics every ``log_every``, evaluate every ``eval_every``, checkpoint every
-   ``checkpoint_every`` and at the end; SIGTERM finishes the current step, saves and returns (with several
-   processes, a SIGTERM to any of them stops all of them after the same step: the next one, see
+   ``checkpoint_every`` and at the end; SIGTERM finishes the current step, saves and returns (one that comes
+   during steps 1-4, before training began, stops the run after its first step; with several processes, a SIGTERM to any of them stops all of them after the same step: the next one, see
    :class:`mmjax.train.distributed.StopAgreement`);
 6. evaluate, save the curve plot and return the final metrics.
 
@@ -210,6 +210,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     True
     """
     watch = Stopwatch()
+    # the SIGTERM handler is in place from the start: a SIGTERM during set-up or compilation stops the run after its
+    # first step, as one during training does, instead of killing the process before anything is saved
+    with _Preemption() as preemption:
+        return _train(config, workdir, watch, preemption)
+
+
+def _train(config, workdir: str, watch: Stopwatch, preemption: _Preemption) -> dict[str, Any]:
     config = prepare_config(config)
     workdir = storage.resolve(workdir)  # a URI (gs://bucket/run) as given, a local path made absolute
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -246,52 +253,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
     try:
-        with _Preemption() as preemption:
-            agreement = StopAgreement()  # a SIGTERM reaches one process; all must stop after the same step
-            noticed = False
-            batches = iter(task.train_batches(start_step))
-            lap = time.perf_counter()
-            while step < total_steps:
-                batch = next(batches)
-                placed, metrics = step_fn(placed, plan.place_batch(batch))
-                if preemption.requested and not noticed:
-                    noticed = True
-                    print(
-                        f"mmjax: process {jax.process_index()}/{jax.process_count()} received SIGTERM during step "
-                        f"{step + 1}; saving a checkpoint and stopping (every process stops after the same step)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                stop = agreement.vote(preemption.requested)  # once per step on every process: it is a collective
-                if pending:  # keep at most one step in flight: honest progress/ETA, prompt SIGTERM handling
-                    jax.block_until_ready(pending[-1])
-                pending.append(metrics)
-                step += 1
-                logger.advance()
-                if step == start_step + 1:  # the first step includes compilation: time from its end
-                    jax.block_until_ready(metrics)
-                    lap, train_time, timed_steps, interval_start = time.perf_counter(), 0.0, 0, 0
-                else:
-                    timed_steps += 1
-                if step % config.log_every == 0 or step == total_steps:
-                    last_train = host_metrics(pending)
-                    pending = []
-                    now = time.perf_counter()
-                    interval, lap = now - lap, now
-                    train_time += interval
-                    steps_in_interval, interval_start = timed_steps - interval_start, timed_steps
-                    rate = steps_in_interval * examples_per_step / interval if interval > 0 else float("nan")
-                    logger.write(step, "train", {**last_train, "examples_per_s": rate})  # over this interval
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-                    ckpt.save(step, plan.to_canonical(placed))
-                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    t0 = time.perf_counter()
-                    eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
-                    logger.write(step, "eval", eval_metrics)
-                    lap += time.perf_counter() - t0  # evaluation time does not count as training time
-                if stop:
-                    preempted = step < total_steps
-                    break
+        agreement = StopAgreement()  # a SIGTERM reaches one process; all must stop after the same step
+        noticed = False
+        batches = iter(task.train_batches(start_step))
+        lap = time.perf_counter()
+        while step < total_steps:
+            batch = next(batches)
+            placed, metrics = step_fn(placed, plan.place_batch(batch))
+            if preemption.requested and not noticed:
+                noticed = True
+                print(
+                    f"mmjax: process {jax.process_index()}/{jax.process_count()} received SIGTERM during step "
+                    f"{step + 1}; saving a checkpoint and stopping (every process stops after the same step)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            stop = agreement.vote(preemption.requested)  # once per step on every process: it is a collective
+            if pending:  # keep at most one step in flight: honest progress/ETA, prompt SIGTERM handling
+                jax.block_until_ready(pending[-1])
+            pending.append(metrics)
+            step += 1
+            logger.advance()
+            if step == start_step + 1:  # the first step includes compilation: time from its end
+                jax.block_until_ready(metrics)
+                lap, train_time, timed_steps, interval_start = time.perf_counter(), 0.0, 0, 0
+            else:
+                timed_steps += 1
+            if step % config.log_every == 0 or step == total_steps:
+                last_train = host_metrics(pending)
+                pending = []
+                now = time.perf_counter()
+                interval, lap = now - lap, now
+                train_time += interval
+                steps_in_interval, interval_start = timed_steps - interval_start, timed_steps
+                rate = steps_in_interval * examples_per_step / interval if interval > 0 else float("nan")
+                logger.write(step, "train", {**last_train, "examples_per_s": rate})  # over this interval
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                ckpt.save(step, plan.to_canonical(placed))
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                t0 = time.perf_counter()
+                eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
+                logger.write(step, "eval", eval_metrics)
+                lap += time.perf_counter() - t0  # evaluation time does not count as training time
+            if stop:
+                preempted = step < total_steps
+                break
         ckpt.save(step, plan.to_canonical(placed))
         if not preempted:
             eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
