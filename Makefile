@@ -9,8 +9,9 @@ LOCALE_TEXT := /usr/share/locale/zh_CN/LC_MESSAGES/iso_3166-1.mo
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 # glibc >= 2.35 (ignored elsewhere): back malloc's large blocks with transparent huge pages. XLA:CPU allocates its
-# per-step temporaries afresh on every step, and with 4 KiB pages each step page-faults them in again: the CLIP job
-# took 16.4M minor faults per 200 steps and ran 1.17x slower (1095 instead of 1280 pairs/s). Set it to '' to disable.
+# per-step buffers with malloc, and on 4 KiB pages each step pays TLB misses and page faults again: the CLIP job took
+# 16.4M minor faults per 200 steps and ran 1.17x slower (1095 instead of 1280 pairs/s), the ViT step 1.75x slower.
+# mmjax train / eval set it themselves when it is unset (mmjax/cli.py); set it to '' to disable.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup data demo test lint bench clean
@@ -47,8 +48,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Every benchmark, each side in a process of its own (about 40 minutes here; run it on an idle machine):
+# docs/results/benchmarks.json and benchmarks.png.
 bench: setup
-	$(BIN)/python experiments/bench_attention.py
+	$(BIN)/python experiments/bench_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

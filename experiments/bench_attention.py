@@ -8,11 +8,12 @@ Subsets: ``--lengths 512,2048 --causal 0 --impls mmjax,chunked,torch``. Long seq
 (target: forward+backward at T=32768 under 4 GiB): ``--long`` (adds T=32768 fwd+bwd for mmjax default).
 
 Setup: batch 1, 8 heads, head_dim 64, float32, self-attention (T = S), non-causal and causal. Each
-(implementation, T, causal, mode) runs in a fresh subprocess so that its peak memory is its own:
+(implementation, T, causal, mode) runs in a process of its own, the implementations of one (T, causal, mode)
+interleaved, ``--rounds`` processes each (``experiments/benchmarking.py``), so its peak memory is its own:
 ``peak = ru_maxrss at the end - ru_maxrss after imports`` (the same measure for jax and torch; it includes the inputs,
-jax's compilation and the outputs). Time: median wall-clock of up to 5 runs (stopping after ~10 s) after a warm-up
-(jax: an ahead-of-time compile, so the slow references execute as few times as possible; torch: one call);
-CPU seconds (both cores together) are recorded too, as they are less sensitive to other processes on the machine.
+jax's compilation and the outputs). Time: per process up to 5 calls (stopping after ~10 s) after a warm-up (jax: an
+ahead-of-time compile, so the slow references execute as few times as possible; torch: one call); median and
+min-max over all processes' calls. The machine and the load of other processes meanwhile are printed.
 
 Implementations: ``mmjax`` = ``dot_product_attention(implementation=None)``, ``chunked`` = ``implementation="chunked"``,
 ``jaxnn`` = ``jax.nn.dot_product_attention``, ``torch`` = ``torch.nn.functional.scaled_dot_product_attention``.
@@ -26,33 +27,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmarking  # noqa: E402
 
 B, N, D = 1, 8, 64
 IMPLS = ("mmjax", "chunked", "jaxnn", "torch")
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return benchmarking.peak_rss_mib()
 
 
-def _time(fn, warmup) -> tuple[float, float, int]:
+def _time(fn, warmup) -> dict:
+    """``wall_s`` / ``cpu_s`` of up to 5 calls of ``fn``, stopping after ~10 s, after ``warmup()``."""
     warmup()
-    walls, cpus = [], []
+    timed = {"wall_s": [], "cpu_s": []}
     start = time.perf_counter()
-    while len(walls) < 5 and (not walls or time.perf_counter() - start < 10.0):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus), len(walls)
+    while len(timed["wall_s"]) < 5 and (not timed["wall_s"] or time.perf_counter() - start < 10.0):
+        for key, values in benchmarking.time_calls(fn, steps=1, warmup=0).items():
+            timed[key] += values
+    return timed
 
 
 def _worker_jax(impl: str, T: int, causal: bool, mode: str) -> dict:
+    """Sides ``mmjax``, ``chunked``, ``jaxnn``: one attention call (forward, or forward + backward) at ``T``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,14 +75,16 @@ def _worker_jax(impl: str, T: int, causal: bool, mode: str) -> dict:
     else:
         f = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attn(q, k, v), ct), argnums=(0, 1, 2)))
     compiled = f.lower(q, k, v).compile()
-    wall, cpu, runs = _time(lambda: jax.block_until_ready(compiled(q, k, v)), lambda: None)
-    return dict(wall_s=wall, cpu_s=cpu, runs=runs, peak_mib=_rss_mib() - base, chosen=chosen)
+    timed = _time(lambda: jax.block_until_ready(compiled(q, k, v)), lambda: None)
+    return dict(**timed, peak_mib=_rss_mib() - base, chosen=chosen)
 
 
 def _worker_torch(T: int, causal: bool, mode: str) -> dict:
+    """Side ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` (one thread per core)."""
     import torch
     import torch.nn.functional as F
 
+    threads = benchmarking.torch_threads()
     base = _rss_mib()
     g = torch.Generator().manual_seed(0)
     q, k, v, ct = (torch.randn(B, N, T, D, generator=g) for _ in range(4))
@@ -99,30 +102,38 @@ def _worker_torch(T: int, causal: bool, mode: str) -> dict:
                 x.grad = None
             F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(ct)
 
-    wall, cpu, runs = _time(run, run)
-    return dict(
-        wall_s=wall,
-        cpu_s=cpu,
-        runs=runs,
-        peak_mib=_rss_mib() - base,
-        chosen=f"torch {torch.__version__}",
-        threads=torch.get_num_threads(),
-    )
+    timed = _time(run, run)
+    return dict(**timed, peak_mib=_rss_mib() - base, chosen=f"torch {torch.__version__}", threads=threads)
 
 
-def _run_one(impl: str, T: int, causal: bool, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(T), str(int(causal)), mode]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rec = dict(impl=impl, T=T, causal=causal, mode=mode)
-    if proc.returncode != 0:
-        rec["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-    else:
-        rec.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return rec
+SIDES = {
+    "mmjax": lambda **o: _worker_jax("mmjax", **o),
+    "chunked": lambda **o: _worker_jax("chunked", **o),
+    "jaxnn": lambda **o: _worker_jax("jaxnn", **o),
+    "torch": _worker_torch,
+}
+
+
+def _records(result: dict, T: int, causal: bool, mode: str) -> list[dict]:
+    """One flat record per implementation of a comparison: median times and the largest peak memory."""
+    records = []
+    for impl, side in result["sides"].items():
+        rec = dict(impl=impl, T=T, causal=causal, mode=mode)
+        if "error" in side:
+            rec["error"] = side["error"]
+        else:
+            runs = side["runs"]
+            rec.update(
+                wall_s=side["wall_s"]["median"],
+                wall_min_s=side["wall_s"]["min"],
+                wall_max_s=side["wall_s"]["max"],
+                cpu_s=side["cpu_s"]["median"],
+                runs=side["wall_s"]["n"],
+                peak_mib=max(r["peak_mib"] for r in runs),
+                chosen=runs[0]["chosen"],
+            )
+        records.append(rec)
+    return records
 
 
 def _fmt_table(records: list[dict]) -> str:
@@ -155,39 +166,43 @@ def main(argv=None) -> None:
     ap.add_argument("--causal", default="0,1", help="comma-separated 0/1")
     ap.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated fwd/fwdbwd")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per implementation and size, interleaved")
     ap.add_argument("--long", action="store_true", help="also T=32768 fwd+bwd (non-causal) for mmjax alone")
     ap.add_argument("--json", default=None, help="write all records to this path")
-    ap.add_argument("--worker", nargs=4, metavar=("IMPL", "T", "CAUSAL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        impl, T, causal, mode = args.worker
-        fn = _worker_torch if impl == "torch" else (lambda *a: _worker_jax(impl, *a))
-        print(json.dumps(fn(int(T), bool(int(causal)), mode)))
-        return
-    jobs = [
-        (impl, int(T), bool(int(c)), mode)
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls must name implementations from {IMPLS}, got {impl!r}")
+    workloads = [
+        (int(T), bool(int(c)), mode, impls)
         for c in args.causal.split(",")
         for mode in args.modes.split(",")
         for T in args.lengths.split(",")
-        for impl in args.impls.split(",")
     ]
     if args.long:
-        jobs.append(("mmjax", 32768, False, "fwdbwd"))
-    records = []
-    for job in jobs:
-        rec = _run_one(*job)
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
+        workloads.append((32768, False, "fwdbwd", ["mmjax"]))
+    info = benchmarking.machine()
+    print(benchmarking.describe_machine(info), flush=True)
+    records, loads = [], []
+    for T, causal, mode, sides in workloads:
+        result = benchmarking.compare(__file__, sides, {"T": T, "causal": causal, "mode": mode}, rounds=args.rounds)
+        loads.append(result["load"])
+        for rec in _records(result, T, causal, mode):
+            rec["load"] = result["load"]
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
+            benchmarking.write_json(args.json, {"machine": info, "records": records, "loads": loads})
     print()
     print(
-        f"B={B}, heads={N}, head_dim={D}, float32, CPU x{os.cpu_count()}; time = median wall s, cpu = median "
+        f"B={B}, heads={N}, head_dim={D}, float32, CPU x{info['cores']}; time = median wall s, cpu = median "
         f"process CPU s (all threads), mem = peak RSS MiB above the post-import baseline"
     )
     print(_fmt_table(records))
+    worst = max(loads, key=lambda x: x["others_cpu_share"] or 0.0)
+    print(benchmarking.describe_load(worst))
 
 
 if __name__ == "__main__":
-    main()
+    benchmarking.main_or_side(SIDES, main)

@@ -10,16 +10,20 @@ Command::
 
     .venv/bin/python experiments/bench_clip.py --steps 10 --json /tmp/bench_clip.json
 
-Prints pairs/s for both (median step wall time), the ratio ours / torch (target >= 1.0) and the same ratio in
-pairs per process-CPU-second (all threads), which is less sensitive to other processes sharing the cores. Timings
-taken while other jobs run on the machine are pessimistic for both sides.
+Each side runs in a process of its own, the two interleaved (``experiments/benchmarking.py``: ``--rounds``
+processes per side, each ``--warmup`` untimed and ``--steps`` timed steps). Prints pairs/s of both (median and
+min-max over all timed steps), torch's median step time / mmjax's (above 1 when mmjax is faster), the machine and
+whether other processes loaded it meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmarking  # noqa: E402
 
 SIZES = dict(
     embed_dim=128,
@@ -39,19 +43,6 @@ SIZES = dict(
 )
 
 
-def _timeit(step, steps: int, warmup: int) -> tuple[float, float]:
-    """Median wall seconds and median process-CPU seconds per call of ``step()`` (which blocks until done)."""
-    for _ in range(warmup):
-        step()
-    walls, cpus = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
-
-
 def make_batch(batch: int, seed: int = 0):
     """Random ``images float32 [B, 64, 64, 3]`` and ``ids int32 [B, 16]`` (start 2, words, end-of-text 3, pad 0)."""
     import numpy as np
@@ -68,7 +59,7 @@ def make_batch(batch: int, seed: int = 0):
 
 
 def bench_mmjax(batch: int, steps: int, warmup: int) -> dict:
-    """pairs/s of an mmjax CLIP training step (jit, donated state, optax AdamW)."""
+    """Side ``mmjax``: an mmjax CLIP training step (jit, optax AdamW)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -99,24 +90,16 @@ def bench_mmjax(batch: int, steps: int, warmup: int) -> dict:
         state["p"], state["o"], loss = step(state["p"], state["o"], images, ids)
         loss.block_until_ready()
 
-    t0 = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - t0
-    wall, cpu = _timeit(run, steps, warmup)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return {
-        "pairs_per_s": batch / wall,
-        "pairs_per_cpu_s": batch / cpu,
-        "step_s": wall,
-        "first_step_s": compile_s,
-        "params": int(n_params),
-    }
+    return {**benchmarking.time_calls(run, steps=steps, warmup=warmup), "params": int(n_params)}
 
 
 def bench_torch(batch: int, steps: int, warmup: int) -> dict:
-    """pairs/s of a transformers ``CLIPModel`` training step with ``return_loss=True`` and ``torch.optim.AdamW``."""
+    """Side ``torch``: a transformers ``CLIPModel`` training step (``return_loss=True``, ``torch.optim.AdamW``)."""
     import torch
     import transformers
+
+    threads = benchmarking.torch_threads()
 
     from mmjax.clip import CLIPConfig
 
@@ -134,63 +117,53 @@ def bench_torch(batch: int, steps: int, warmup: int) -> dict:
         out.loss.backward()
         opt.step()
 
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    wall, cpu = _timeit(run, steps, warmup)
     n_params = sum(p.numel() for p in model.parameters())
-    return {
-        "pairs_per_s": batch / wall,
-        "pairs_per_cpu_s": batch / cpu,
-        "step_s": wall,
-        "first_step_s": first,
-        "params": int(n_params),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    timed = benchmarking.time_calls(run, steps=steps, warmup=warmup)
+    return {**timed, "params": int(n_params), "torch": torch.__version__, "threads": threads}
+
+
+SIDES = {"mmjax": bench_mmjax, "torch": bench_torch}
 
 
 def main(argv=None) -> dict:
-    """Runs both benchmarks and prints (and optionally writes) the results."""
+    """Runs both sides, interleaved, each in its own process; prints (and optionally writes) the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per framework (median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compile) step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process after the first")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per side, interleaved")
     parser.add_argument("--batch", type=int, default=256, help="pairs per step")
     parser.add_argument("--json", default="", help="write the results to this JSON file")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch < 2:
-        parser.error(f"--steps must be >= 1 and --batch >= 2, got {args.steps} and {args.batch}")
-    ours = bench_mmjax(args.batch, args.steps, args.warmup)
-    print(
-        f"mmjax : {ours['pairs_per_s']:8.1f} pairs/s  ({ours['step_s'] * 1e3:.0f} ms/step, "
-        f"{ours['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ours['params']} params)",
-        flush=True,
-    )
-    ref = bench_torch(args.batch, args.steps, args.warmup)
-    print(
-        f"torch : {ref['pairs_per_s']:8.1f} pairs/s  ({ref['step_s'] * 1e3:.0f} ms/step, "
-        f"{ref['pairs_per_cpu_s']:.1f} pairs/CPU-s, {ref['params']} params, torch {ref['torch']}, "
-        f"{ref['threads']} threads)",
-        flush=True,
-    )
-    result = {
-        "sizes": SIZES,
-        "batch": args.batch,
-        "steps": args.steps,
-        "mmjax": ours,
-        "torch": ref,
-        "ratio_ours_over_torch": ours["pairs_per_s"] / ref["pairs_per_s"],
-        "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / ref["pairs_per_cpu_s"],
-    }
-    print(
-        f"ratio ours/torch: {result['ratio_ours_over_torch']:.2f} (wall), "
-        f"{result['ratio_per_cpu_second']:.2f} (per CPU-second)"
-    )
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch < 2:
+        parser.error(
+            f"need --steps >= 1, --warmup >= 0, --rounds >= 1, --batch >= 2; got {args.steps}, {args.warmup}, "
+            f"{args.rounds}, {args.batch}"
+        )
+    info = benchmarking.machine()
+    print(benchmarking.describe_machine(info), flush=True)
+    options = {"batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+    res = benchmarking.compare(__file__, ["mmjax", "torch"], options, rounds=args.rounds)
+    for side in ("mmjax", "torch"):
+        s = res["sides"][side]
+        if "error" in s:
+            print(f"{side:6}: error: {s['error']}")
+            continue
+        w, run = s["wall_s"], s["runs"][0]
+        extra = f", torch {run['torch']}, {run['threads']} threads" if side == "torch" else ""
+        print(
+            f"{side:6}: {args.batch / w['median']:8.1f} pairs/s ({args.batch / w['max']:.0f}-{args.batch / w['min']:.0f}"
+            f"; {w['median'] * 1e3:.0f} ms/step, {run['params']} params{extra})",
+            flush=True,
+        )
+    speed = benchmarking.ratio(res, "mmjax", "torch")
+    result = {"machine": info, "sizes": SIZES, **res, "ratio_torch_time_over_mmjax": speed}
+    if speed:
+        print(f"torch / mmjax step time: {speed:.2f} ({'mmjax faster' if speed > 1 else 'mmjax slower'})")
+    print(benchmarking.describe_load(res["load"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        benchmarking.write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    benchmarking.main_or_side(SIDES, main)

@@ -1,6 +1,6 @@
-"""Benchmark: one GCN layer, mmjax vs torch_geometric GCNConv, forward and forward+backward, in one run.
+"""Benchmark: one GCN layer, mmjax vs torch_geometric GCNConv, forward and forward+backward.
 
-Command (CPU; both libraries use every core the machine gives them):
+Command (CPU; XLA with its defaults, PyTorch with one thread per core):
 
     .venv/bin/python experiments/bench_gnn.py --graphs cora,large --json /tmp/bench_gnn.json
 
@@ -8,6 +8,7 @@ Graphs (random directed edges drawn uniformly, no self loops, no duplicates):
 
 * ``cora``:  2,708 nodes, 10,556 edges (+ 2,708 self loops), 1,433 -> 16 features (Cora-sized).
 * ``large``: 100,000 nodes, 1,000,000 edges (+ self loops), 64 -> 64 features.
+* ``tiny``: 50 nodes, 200 edges, 8 -> 4 features (for the tests).
 
 Paths measured (the name in the output says which is which):
 
@@ -24,30 +25,25 @@ Paths measured (the name in the output says which is which):
   (``torch_geometric.utils.to_torch_csr_tensor``; torch_sparse is not installed, and PyG 2.8 routes a torch CSR
   ``adj_t`` to ``torch.sparse.mm``). PyG's fastest CPU path here.
 
-Timings: median of ``--repeats`` calls after warm-up (compilation excluded for JAX), the paths called
-round-robin so that load from other processes affects them alike. fwd+bwd = gradient of
-``sum(out * c)`` w.r.t. the node features and the layer weights.
+Each path runs in a process of its own, the paths interleaved (``experiments/benchmarking.py``: ``--rounds``
+processes per path, each timing ``--steps`` calls of fwd and of fwd+bwd after ``--warmup`` untimed ones, which
+include JAX's compilation); median and min-max over all timed calls. fwd+bwd = gradient of ``sum(out * c)`` w.r.t.
+the node features and the layer weights. The outputs of all paths are checked against PyG's ``edge_index`` path.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-import torch_geometric
-from torch_geometric.nn import GCNConv as PygGCN
-from torch_geometric.utils import to_torch_csr_tensor
 
-from mmjax import gnn
-from mmjax.graph import Graph
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmarking  # noqa: E402
 
-GRAPHS = {"cora": (2_708, 10_556, 1_433, 16), "large": (100_000, 1_000_000, 64, 64)}
+PATHS = ("mmjax default", "mmjax cached", "pyg edge_index", "pyg csr cached")
+GRAPHS = {"cora": (2_708, 10_556, 1_433, 16), "large": (100_000, 1_000_000, 64, 64), "tiny": (50, 200, 8, 4)}
 
 
 def make_graph(n, e, f_in, seed=0):
@@ -62,27 +58,31 @@ def make_graph(n, e, f_in, seed=0):
     return s.astype(np.int32), r.astype(np.int32), x
 
 
-def timeit_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median ms per function; calls go round-robin (one of each per round) so load changes hit all paths alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
-
-
-def bench_graph(name, repeats):
-    n, e, f_in, f_out = GRAPHS[name]
+def _inputs(graph: str):
+    n, e, f_in, f_out = GRAPHS[graph]
     s, r, x = make_graph(n, e, f_in)
     cot = np.random.default_rng(1).standard_normal((n, f_out)).astype(np.float32)
-    res = {"graph": name, "nodes": n, "edges": e, "self_loops_added": n, "f_in": f_in, "f_out": f_out}
+    kernel = np.random.default_rng(2).standard_normal((f_in, f_out)).astype(np.float32) / np.sqrt(f_in)
+    return n, e, f_in, f_out, s, r, x, cot, kernel
 
-    # ---------------- mmjax
+
+def _checksum(out) -> list[float]:
+    """A few numbers that identify the forward output (compared across paths: same graph, same weights)."""
+    out = np.asarray(out, np.float64)
+    return [float(np.abs(out).sum()), float(np.square(out).sum()), float(np.square(out[:7]).sum())]
+
+
+def bench_mmjax(graph: str, cached: bool, steps: int, warmup: int) -> dict:
+    """Sides ``mmjax default`` / ``mmjax cached``: ``GCNConv`` fwd and fwd+bwd (cached: ``gcn_adjacency`` once)."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax import gnn
+    from mmjax.graph import Graph
+
+    n, e, f_in, f_out, s, r, x, cot, kernel = _inputs(graph)
     g = Graph(
         nodes=jnp.asarray(x),
         senders=jnp.asarray(s),
@@ -92,92 +92,137 @@ def bench_graph(name, repeats):
     )
     layer = gnn.GCNConv(features=f_out)
     params = layer.init(jax.random.key(0), g)["params"]
+    params = {**params, "kernel": jnp.asarray(kernel), "bias": jnp.zeros_like(params["bias"])}
     cot_j = jnp.asarray(cot)
+    out = {}
+    adj = None
+    if cached:
+        t0 = time.perf_counter()
+        adj = jax.block_until_ready(jax.jit(gnn.gcn_adjacency)(g))
+        out["preprocess_ms"] = (time.perf_counter() - t0) * 1e3  # once per graph, including its compilation
 
-    def loss(p, xx, graph, adj):
-        return jnp.sum(layer.apply({"params": p}, graph._replace(nodes=xx), adjacency=adj) * cot_j)
+    def loss(p, xx):
+        return jnp.sum(layer.apply({"params": p}, g._replace(nodes=xx), adjacency=adj) * cot_j)
 
-    fwd = jax.jit(lambda p, graph, adj: layer.apply({"params": p}, graph, adjacency=adj))
+    fwd = jax.jit(lambda p: layer.apply({"params": p}, g, adjacency=adj))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    t0 = time.perf_counter()
-    adj = jax.block_until_ready(jax.jit(gnn.gcn_adjacency)(g))
-    res["mmjax_cached_preprocess_ms"] = (time.perf_counter() - t0) * 1e3  # includes its compilation
-    fns = {}
-    for tag, a in (("mmjax default", None), ("mmjax cached", adj)):
-        fns[f"{tag} fwd"] = lambda a=a: jax.block_until_ready(fwd(params, g, a))
-        fns[f"{tag} fwd+bwd"] = lambda a=a: jax.block_until_ready(bwd(params, g.nodes, g, a))
-    out_mm = np.asarray(fwd(params, g, adj))
+    out |= benchmarking.time_calls(
+        lambda: jax.block_until_ready(fwd(params)), steps=steps, warmup=warmup, prefix="fwd_"
+    )
+    out |= benchmarking.time_calls(
+        lambda: jax.block_until_ready(bwd(params, g.nodes)), steps=steps, warmup=warmup, prefix="fwdbwd_"
+    )
+    return out | {"checksum": _checksum(fwd(params))}
 
-    # ---------------- PyG
+
+def bench_pyg(graph: str, cached: bool, steps: int, warmup: int) -> dict:
+    """Sides ``pyg edge_index`` / ``pyg csr cached``: ``torch_geometric.nn.GCNConv`` fwd and fwd+bwd."""
+    import torch
+    import torch_geometric
+    from torch_geometric.nn import GCNConv as PygGCN
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    threads = benchmarking.torch_threads()
+    n, e, f_in, f_out, s, r, x, cot, kernel = _inputs(graph)
     torch.manual_seed(0)
     xt = torch.tensor(x)
     ei = torch.tensor(np.stack([s, r]), dtype=torch.long)
     cot_t = torch.tensor(cot)
-    kernel = torch.tensor(np.asarray(params["kernel"]).T.copy())
-    ref = PygGCN(f_in, f_out)
-    ref_c = PygGCN(f_in, f_out, cached=True)
+    model = PygGCN(f_in, f_out, cached=cached)
     with torch.no_grad():
-        for m in (ref, ref_c):
-            m.lin.weight.copy_(kernel)
-    adj_t = to_torch_csr_tensor(ei.flip(0), size=(n, n))  # rows = targets: PyG's adj_t convention
+        model.lin.weight.copy_(torch.tensor(kernel.T.copy()))
+        model.bias.zero_()
+    index = to_torch_csr_tensor(ei.flip(0), size=(n, n)) if cached else ei  # rows = targets: PyG's adj_t
 
-    def run(model, index, backward):
-        xx = xt.clone().requires_grad_(backward)
-        if backward:
-            model.zero_grad(set_to_none=True)
-            (model(xx, index) * cot_t).sum().backward()
-        else:
-            with torch.no_grad():
-                return model(xx, index)
+    def fwd():
+        with torch.no_grad():
+            return model(xt, index)
 
-    for tag, model, index in (("pyg edge_index", ref, ei), ("pyg csr cached", ref_c, adj_t)):
-        fns[f"{tag} fwd"] = lambda model=model, index=index: run(model, index, False)
-        fns[f"{tag} fwd+bwd"] = lambda model=model, index=index: run(model, index, True)
-    res.update(timeit_interleaved(fns, repeats))
-    out_ref = run(ref, ei, False).numpy()
-    out_csr = run(ref_c, adj_t, False).numpy()
-    res["max_abs_diff_mmjax_vs_pyg"] = float(np.abs(out_mm - out_ref).max())
-    res["max_abs_diff_pyg_csr_vs_pyg"] = float(np.abs(out_csr - out_ref).max())
-    return res
+    def fwdbwd():
+        xx = xt.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        (model(xx, index) * cot_t).sum().backward()
+
+    out = benchmarking.time_calls(fwd, steps=steps, warmup=warmup, prefix="fwd_")
+    out |= benchmarking.time_calls(fwdbwd, steps=steps, warmup=warmup, prefix="fwdbwd_")
+    versions = {"torch": torch.__version__, "torch_geometric": torch_geometric.__version__}
+    return out | {"checksum": _checksum(fwd().numpy()), "threads": threads, **versions}
+
+
+SIDES = {
+    "mmjax default": lambda **o: bench_mmjax(cached=False, **o),
+    "mmjax cached": lambda **o: bench_mmjax(cached=True, **o),
+    "pyg edge_index": lambda **o: bench_pyg(cached=False, **o),
+    "pyg csr cached": lambda **o: bench_pyg(cached=True, **o),
+}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--graphs", default="cora,large")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="timed calls of each mode per process")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each mode per process")
+    ap.add_argument("--rounds", type=int, default=3, help="processes per path, interleaved")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     names = [x for x in args.graphs.split(",") if x]
+    paths = [x for x in args.paths.split(",") if x]
     for name in names:
         if name not in GRAPHS:
-            raise ValueError(f"--graphs must name graphs from {sorted(GRAPHS)}, got {name!r}.")
-    print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), torch_geometric {torch_geometric.__version__}"
-    )
-    results = []
+            raise SystemExit(f"--graphs must name graphs from {sorted(GRAPHS)}, got {name!r}.")
+    for path in paths:
+        if path not in PATHS:
+            raise SystemExit(f"--paths must name paths from {PATHS}, got {path!r}.")
+    info = benchmarking.machine()
+    print(benchmarking.describe_machine(info), flush=True)
+    results = {"machine": info, "graphs": {}}
     for name in names:
-        res = bench_graph(name, args.repeats)
-        results.append(res)
+        n, e, f_in, f_out = GRAPHS[name]
+        options = {"graph": name, "steps": args.steps, "warmup": args.warmup}
+        res = benchmarking.compare(__file__, paths, options, rounds=args.rounds)
+        results["graphs"][name] = res
+        print(f"\n== {name}: {n:,} nodes, {e:,} edges + {n:,} self loops, {f_in} -> {f_out} features")
+        ok = [p for p in paths if "error" not in res["sides"][p]]
+        best = {}
+        for mode in ("fwd", "fwdbwd"):
+            pyg = [res["sides"][p][f"{mode}_wall_s"]["median"] for p in ok if p.startswith("pyg")]
+            best[mode] = min(pyg) if pyg else None
         print(
-            f"\n== {name}: {res['nodes']:,} nodes, {res['edges']:,} edges + {res['nodes']:,} self loops, "
-            f"{res['f_in']} -> {res['f_out']} features"
+            f"{'path':<16}{'fwd ms (min-max)':>22}{'fwd+bwd ms (min-max)':>24}{'  best PyG time / this: fwd, fwd+bwd':>38}"
         )
-        best_pyg = {k: min(res[f"pyg edge_index {k}"], res[f"pyg csr cached {k}"]) for k in ("fwd", "fwd+bwd")}
-        print(f"{'path':<18}{'fwd ms':>10}{'fwd+bwd ms':>13}{'  best PyG / this (fwd, fwd+bwd)':>34}")
-        for tag in ("mmjax default", "mmjax cached", "pyg edge_index", "pyg csr cached"):
-            f, fb = res[f"{tag} fwd"], res[f"{tag} fwd+bwd"]
-            print(f"{tag:<18}{f:>10.2f}{fb:>13.2f}{best_pyg['fwd'] / f:>17.2f}x{best_pyg['fwd+bwd'] / fb:>15.2f}x")
-        print(f"mmjax cached preprocessing (once per graph, incl. compile): {res['mmjax_cached_preprocess_ms']:.1f} ms")
-        print(
-            f"max |mmjax - pyg| = {res['max_abs_diff_mmjax_vs_pyg']:.2e}, "
-            f"max |pyg csr - pyg| = {res['max_abs_diff_pyg_csr_vs_pyg']:.2e}"
-        )
+        for path in paths:
+            side = res["sides"][path]
+            if "error" in side:
+                print(f"{path:<16} error: {side['error']}")
+                continue
+            cells, ratios = [], []
+            for mode in ("fwd", "fwdbwd"):
+                w = side[f"{mode}_wall_s"]
+                cells.append(f"{w['median'] * 1e3:.2f} ({w['min'] * 1e3:.1f}-{w['max'] * 1e3:.1f})")
+                ratios.append(f"{best[mode] / w['median']:.2f}x" if best[mode] else "-")
+            print(f"{path:<16}{cells[0]:>22}{cells[1]:>24}{ratios[0]:>19}{ratios[1]:>10}")
+        for path in ok:
+            if path.startswith("mmjax cached"):
+                print(
+                    f"mmjax cached preprocessing (once per graph, incl. compile): {side_runs(res, path)[0]['preprocess_ms']:.1f} ms"
+                )
+        sums = {p: side_runs(res, p)[0]["checksum"] for p in ok}
+        if "pyg edge_index" in sums:
+            ref = np.array(sums["pyg edge_index"])
+            for p, c in sums.items():
+                rel = float(np.max(np.abs(np.array(c) - ref) / ref))
+                print(f"output checksum of {p!r} vs pyg edge_index: largest relative difference {rel:.1e}")
+        print(benchmarking.describe_load(res["load"]))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        benchmarking.write_json(args.json, results)
     return results
 
 
+def side_runs(result: dict, path: str) -> list[dict]:
+    """The per-process results of ``path`` in one comparison."""
+    return result["sides"][path]["runs"]
+
+
 if __name__ == "__main__":
-    main()
+    benchmarking.main_or_side(SIDES, main)

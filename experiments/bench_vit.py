@@ -1,66 +1,54 @@
-"""Training-step throughput of a ViT in mmjax vs PyTorch (transformers' ViTForImageClassification), in one run.
+"""Training-step throughput of a ViT in mmjax vs PyTorch (transformers' ViTForImageClassification).
 
-A training step is forward + backward + AdamW update on a fixed random batch, float32, on the CPU. Also reported:
-mmjax's achieved FLOP/s (XLA's cost analysis of the compiled step) against a matmul peak measured in the same run
-(a large float32 ``jnp.dot``).
+A training step is forward + backward + AdamW update on a fixed random batch, float32, on the CPU. Each side runs in
+a process of its own, the two interleaved (``experiments/benchmarking.py``: ``--rounds`` processes per side, each
+``--warmup`` untimed and ``--steps`` timed steps; median and min-max over all timed steps). Also reported: mmjax's
+achieved FLOP/s (XLA's cost analysis of the compiled step) against a matmul peak measured in a process of its own
+(a 2048^3 float32 ``jnp.dot``).
 
 Command::
 
-    .venv/bin/python experiments/bench_vit.py --config all --steps 10 --json /tmp/bench_vit.json
+    .venv/bin/python experiments/bench_vit.py --config all --json /tmp/bench_vit.json
 
 Configs:
   fmnist  28 px, 1 channel, patch 4, width 192, depth 6, 3 heads, MLP 768, 10 classes, batch 128
-          (the Fashion-MNIST ViT; PyTorch runs about 110-130 images/s on the 2-core CPU)
   ti16    ViT-Ti/16 at 224 px, 3 channels, 1000 classes, batch 16
+  tiny    16 px, width 32, depth 1, batch 4 (for the tests; not in ``all``)
 
-Expected: mmjax at least as fast as PyTorch on both (ratio ours / torch >= 1). Timings taken while other
-processes share the cores are pessimistic for both sides; the images per CPU-second columns (process CPU time,
-all threads) are the less contention-sensitive comparison.
+The ratio is torch's median step time / mmjax's: above 1 when mmjax is faster.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmarking  # noqa: E402
 
 CONFIGS = {
     "fmnist": dict(image=28, channels=1, patch=4, width=192, depth=6, heads=3, mlp=768, classes=10, batch=128),
     "ti16": dict(image=224, channels=3, patch=16, width=192, depth=12, heads=3, mlp=768, classes=1000, batch=16),
+    "tiny": dict(image=16, channels=1, patch=4, width=32, depth=1, heads=2, mlp=64, classes=10, batch=4),  # tests
 }
+MAIN_CONFIGS = ("fmnist", "ti16")  # what --config all runs
 
 
-def _timeit(step, steps: int, warmup: int) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds (all threads) per call of ``step()``, which must block
-    until done, over ``steps`` calls after ``warmup``. CPU seconds are less sensitive to other processes sharing
-    the cores than wall time."""
-    for _ in range(warmup):
-        step()
-    walls, cpus = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
-
-
-def matmul_peak(n: int = 2048, steps: int = 5) -> float:
-    """FLOP/s of an ``n x n`` float32 matmul with jax (2 n^3 FLOPs per product)."""
+def matmul_peak(n: int = 2048, steps: int = 5, warmup: int = 2) -> dict:
+    """Side ``peak``: wall seconds of an ``n x n`` float32 matmul with jax (``2 n^3`` FLOPs per product)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    seconds, _ = _timeit(lambda: f(a, b).block_until_ready(), steps, warmup=2)
-    return 2 * n**3 / seconds
+    timed = benchmarking.time_calls(lambda: f(a, b).block_until_ready(), steps=steps, warmup=warmup)
+    return {**timed, "flops_per_call": 2 * n**3}
 
 
-def bench_mmjax(cfg: dict, steps: int) -> dict:
-    """images/s and FLOP/s of an mmjax ViT training step."""
+def bench_mmjax(config: str, steps: int, warmup: int) -> dict:
+    """Side ``mmjax``: an mmjax ViT training step (jit, donated state, optax AdamW); also XLA's FLOPs per step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -68,6 +56,7 @@ def bench_mmjax(cfg: dict, steps: int) -> dict:
 
     from mmjax.vit import ViT
 
+    cfg = CONFIGS[config]
     model = ViT(
         variant=None,
         width=cfg["width"],
@@ -105,22 +94,17 @@ def bench_mmjax(cfg: dict, steps: int) -> dict:
         state["p"], state["s"], loss = compiled(state["p"], state["s"], images, labels)
         loss.block_until_ready()
 
-    seconds, cpu = _timeit(one, steps, warmup=2)
-    return dict(
-        images_per_s=cfg["batch"] / seconds,
-        images_per_cpu_s=cfg["batch"] / cpu,
-        step_s=seconds,
-        flops_per_step=flops,
-        flops_per_s=flops / seconds,
-    )
+    return {**benchmarking.time_calls(one, steps=steps, warmup=warmup), "flops_per_step": flops}
 
 
-def bench_torch(cfg: dict, steps: int) -> dict:
-    """images/s of the same ViT in PyTorch (transformers, CPU, all threads)."""
+def bench_torch(config: str, steps: int, warmup: int) -> dict:
+    """Side ``torch``: the same ViT in PyTorch (transformers, CPU, one thread per core)."""
     import torch
     import transformers
 
-    config = transformers.ViTConfig(
+    threads = benchmarking.torch_threads()
+    cfg = CONFIGS[config]
+    hf_config = transformers.ViTConfig(
         hidden_size=cfg["width"],
         num_hidden_layers=cfg["depth"],
         num_attention_heads=cfg["heads"],
@@ -134,7 +118,7 @@ def bench_torch(cfg: dict, steps: int) -> dict:
         attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(config).train()
+    model = transformers.ViTForImageClassification(hf_config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     x = torch.randn(cfg["batch"], cfg["channels"], cfg["image"], cfg["image"])
     y = torch.randint(0, cfg["classes"], (cfg["batch"],))
@@ -146,60 +130,63 @@ def bench_torch(cfg: dict, steps: int) -> dict:
         loss.backward()
         opt.step()
 
-    seconds, cpu = _timeit(one, steps, warmup=2)
-    return dict(
-        images_per_s=cfg["batch"] / seconds,
-        images_per_cpu_s=cfg["batch"] / cpu,
-        step_s=seconds,
-        threads=torch.get_num_threads(),
-        attn=config._attn_implementation,
-    )
+    timed = benchmarking.time_calls(one, steps=steps, warmup=warmup)
+    return {**timed, "threads": threads, "attn": hf_config._attn_implementation, "torch": torch.__version__}
+
+
+SIDES = {"mmjax": bench_mmjax, "torch": bench_torch, "peak": matmul_peak}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per framework (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process after the first")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per side, interleaved")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    names = list(CONFIGS) if args.config == "all" else [args.config]
-
-    import jax
-
-    peak = matmul_peak()
-    results = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "matmul_peak_flops": peak, "configs": {}}
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(f"need --steps >= 1, --warmup >= 0, --rounds >= 1; got {args.steps}, {args.warmup}, {args.rounds}")
+    names = list(MAIN_CONFIGS) if args.config == "all" else [args.config]
+    info = benchmarking.machine()
+    print(benchmarking.describe_machine(info), flush=True)
+    peak_run = benchmarking.compare(__file__, ["peak"], {"steps": 5, "warmup": 2}, rounds=1)["sides"]["peak"]
+    peak = 2 * 2048**3 / peak_run["wall_s"]["median"] if "wall_s" in peak_run else float("nan")
+    print(f"matmul peak (2048^3 float32 jnp.dot, own process): {peak / 1e9:.1f} GFLOP/s")
+    results = {"machine": info, "matmul_peak_flops": peak, "configs": {}}
     print(
-        f"matmul peak (2048^2 f32 jnp.dot): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPU cores; "
-        f"load average {os.getloadavg()[0]:.1f} (timings shared with other processes are pessimistic)"
+        f"{'config':7} {'batch':>5} {'mmjax img/s (min-max)':>24} {'torch img/s (min-max)':>24} {'torch/mmjax time':>16}"
+        f" {'GFLOP/step':>10} {'% peak':>7}"
     )
-    results["load_average"] = os.getloadavg()[0]
-    header = (
-        f"{'config':8} {'batch':>5} {'mmjax img/s':>12} {'torch img/s':>12} {'ours/torch':>10} "
-        f"{'img/cpu-s ours':>14} {'torch':>6} {'ratio':>6} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}"
-    )
-    rows = []
     for name in names:
         cfg = CONFIGS[name]
-        ours = bench_mmjax(cfg, args.steps)
-        theirs = bench_torch(cfg, args.steps)
-        ratio = ours["images_per_s"] / theirs["images_per_s"]
-        cpu_ratio = ours["images_per_cpu_s"] / theirs["images_per_cpu_s"]
-        results["configs"][name] = dict(config=cfg, mmjax=ours, torch=theirs, ratio=ratio, cpu_ratio=cpu_ratio)
-        rows.append(
-            f"{name:8} {cfg['batch']:5d} {ours['images_per_s']:12.1f} {theirs['images_per_s']:12.1f} "
-            f"{ratio:10.2f} {ours['images_per_cpu_s']:14.1f} {theirs['images_per_cpu_s']:6.1f} "
-            f"{cpu_ratio:6.2f} {ours['flops_per_step'] / 1e9:10.1f} {ours['flops_per_s'] / 1e9:8.1f} "
-            f"{100 * ours['flops_per_s'] / peak:6.1f}%"
+        options = {"config": name, "steps": args.steps, "warmup": args.warmup}
+        res = benchmarking.compare(__file__, ["mmjax", "torch"], options, rounds=args.rounds)
+        res["ratio_torch_time_over_mmjax"] = speed = benchmarking.ratio(res, "mmjax", "torch")
+        results["configs"][name] = res
+
+        def rate(side):
+            s = res["sides"][side]
+            if "error" in s:
+                return f"error: {s['error']}"[:24]
+            w = s["wall_s"]
+            b = cfg["batch"]
+            return f"{b / w['median']:.1f} ({b / w['max']:.0f}-{b / w['min']:.0f})"
+
+        mm = res["sides"]["mmjax"]
+        flops = mm["runs"][0]["flops_per_step"] if "runs" in mm and "error" not in mm else float("nan")
+        pct = 100 * flops / mm["wall_s"]["median"] / peak if "wall_s" in mm else float("nan")
+        ratio = f"{speed:.2f}" if speed else "-"
+        print(
+            f"{name:7} {cfg['batch']:5d} {rate('mmjax'):>24} {rate('torch'):>24} {ratio:>16} "
+            f"{flops / 1e9:10.1f} {pct:6.1f}%  ({benchmarking.describe_load(res['load'])})",
+            flush=True,
         )
-        print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        benchmarking.write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    benchmarking.main_or_side(SIDES, main)

@@ -228,6 +228,30 @@ def test_convert_and_bench_help_and_bench_runs():
     assert bench.returncode == 0 and "attention,vit,gnn,clip" in bench.stdout
     assert run_cli("bench", "nope").returncode == 2
     # A real (tiny) benchmark run through the command line: mmjax's attention alone at T=64, forward only.
-    tiny = run_cli("bench", "attention", "--lengths", "64", "--causal", "0", "--modes", "fwd", "--impls", "mmjax")
+    tiny = run_cli(
+        "bench", "attention", "--lengths", "64", "--causal", "0", "--modes", "fwd", "--impls", "mmjax", "--rounds", "1"
+    )
     assert tiny.returncode == 0, tiny.stderr
     assert '"impl": "mmjax", "T": 64' in tiny.stdout
+
+
+def test_train_starts_itself_again_with_huge_pages_unless_the_user_set_glibc_tunables(tmp_path):
+    from mmjax.cli import HUGE_PAGES, huge_page_environment
+
+    config = tmp_path / "show_env.py"
+    config.write_text(
+        "import os\n"
+        "def get_config():\n"
+        "    print('GLIBC_TUNABLES=' + os.environ.get('GLIBC_TUNABLES', '<unset>'), flush=True)\n"
+        "    return {'task': 'no_such_task'}\n"
+    )
+    argv = [sys.executable, "-m", "mmjax", "train", "--config", str(config), "--workdir", str(tmp_path / "w")]
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"PYTHONPATH": REPO}
+    unset = subprocess.run(argv, cwd=REPO, env=base, capture_output=True, text=True, timeout=120)
+    expected = HUGE_PAGES if huge_page_environment({}, ["train"]) is not None else "<unset>"  # glibc >= 2.35 here
+    assert f"GLIBC_TUNABLES={expected}\n" in unset.stdout, unset.stdout + unset.stderr
+    assert unset.returncode == 2 and "no_such_task" in unset.stderr  # the re-started process ran the command
+    opted_out = subprocess.run(argv, cwd=REPO, env=base | {"GLIBC_TUNABLES": ""}, capture_output=True, text=True)
+    assert "GLIBC_TUNABLES=\n" in opted_out.stdout and opted_out.returncode == 2
+    assert huge_page_environment({}, ["convert", "--help"], platform="linux", glibc="glibc 2.36") is None
+    assert huge_page_environment({}, ["train"], platform="darwin", glibc="") is None

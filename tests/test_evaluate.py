@@ -127,6 +127,28 @@ def test_retrieval_recall_matches_brute_force():
     assert 0.0 < got["text_to_image_R@1"] < got["text_to_image_R@10"] < 1.0
 
 
+def test_retrieval_recall_counts_copies_of_a_sentence_as_ties_despite_round_off():
+    # 30 images, 6 sentences: each image's caption is one of them (as in the captions data, where ~800 sentences
+    # describe 4000 images). Copies of a sentence have one embedding in exact arithmetic; in float32 they come out
+    # a few ulp apart, as a batched text tower's rows do. A copy that belongs to another image must not outrank
+    # the image's own copy by that round-off.
+    rng = np.random.default_rng(0)
+    sentences = _unit(rng.normal(size=(6, 16)))
+    caption = rng.integers(0, 6, 30)
+    images = _unit(sentences[caption] + 0.3 * rng.normal(size=(30, 16))).astype(np.float32)
+    exact = sentences[caption].astype(np.float32)
+    noisy = exact * (1 + rng.choice([-1, 1], size=exact.shape) * np.finfo(np.float32).eps).astype(np.float32)
+    sim = _unit(images.astype(np.float64)) @ sentences.T  # exact: the image's own sentence vs the other sentences
+    want = np.mean([np.sum(sim[i] > sim[i, caption[i]]) < 1 for i in range(30)])
+    t2i = np.arange(30)
+    got = evaluate.retrieval_recall(images, noisy, k=(1,), text_to_image=t2i)["image_to_text_R@1"]
+    assert got == pytest.approx(want) and want > 0.3
+    strict = evaluate.retrieval_recall(images, noisy, k=(1,), text_to_image=t2i, tie_tolerance=0.0)
+    assert strict["image_to_text_R@1"] < want  # a strict > breaks the ties by round-off
+    with pytest.raises(ValueError, match="tie_tolerance must be >= 0"):
+        evaluate.retrieval_recall(images, noisy, text_to_image=t2i, tie_tolerance=-1.0)
+
+
 def test_retrieval_recall_bad_inputs_raise():
     with pytest.raises(ValueError, match="text_to_image"):
         evaluate.retrieval_recall(np.eye(2, 3), np.eye(3))

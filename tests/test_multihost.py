@@ -19,6 +19,7 @@ from mmjax.train.distributed import distributed_settings, initialize
 from mmjax.train.metrics import read_metrics
 from mmjax.train.optimizer import param_path
 from tests.jobs.contrastive_job import tiny_config
+from tests.native_crash import check_not_crashed, run_with_one_retry_after_a_crash
 from tests.tolerances import adam_params_atol, float32_atol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,7 @@ def _start(config, workdir, out, num_processes=2, extra_env=None):
             os.environ,
             PYTHONPATH=REPO,
             JAX_PLATFORMS="cpu",
+            PYTHONFAULTHANDLER="1",  # a crash in native code prints the Python stack of every thread
             XLA_FLAGS="--xla_force_host_platform_device_count=4",
             MMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             MMJAX_NUM_PROCESSES=str(num_processes),
@@ -75,6 +77,12 @@ def _finish(procs, timeout=300):
 
 
 def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatch):
+    run_with_one_retry_after_a_crash(_two_processes_match_one, tmp_path, monkeypatch)
+
+
+def _two_processes_match_one(attempt, tmp_path, monkeypatch):
+    tmp_path = tmp_path / f"attempt_{attempt}"
+    tmp_path.mkdir()
     # Adam eps 1e-2, as in tests/test_contrastive.py::test_modes_agree_with_and_without_grad_cache: the two layouts
     # sum gradients in other orders, and with a tiny eps Adam turns the round-off of identically-zero gradients (the
     # attention key biases) into steps of up to lr; with 1e-2 the parameters' difference has the bound used below.
@@ -85,7 +93,8 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatc
     monkeypatch.setenv("MMJAX_TEST_EMULATE_HOSTS", "2")
     reference = train_and_evaluate(config, str(tmp_path / "one"))
     outs = _finish(procs)
-    for p, (stdout, stderr) in zip(procs, outs):
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
+        check_not_crashed(p.returncode, stderr, f"process {i}")
         assert p.returncode == 0, f"process failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
     two = json.load(open(out + ".json"))
     assert two["step"] == 3
@@ -116,14 +125,25 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("victim", [1])  # victim 0 (the coordinator): tests/test_multihost_agree.py, then resumed
 def test_killed_process_makes_the_other_exit_with_an_error(tmp_path, victim):
+    run_with_one_retry_after_a_crash(_killed_process_makes_the_other_fail, tmp_path, victim)
+
+
+def _killed_process_makes_the_other_fail(attempt, tmp_path, victim):
+    tmp_path = tmp_path / f"attempt_{attempt}"
+    tmp_path.mkdir()
     config = tiny_config(**{"parallel.mode": "sharded", "num_steps": 10_000, "checkpoint_every": 0, "log_every": 1})
     workdir = str(tmp_path / "run")
     procs = _start(config, workdir, str(tmp_path / "out.npz"), extra_env={"MMJAX_TEST_STEP_DELAY": "0.2"})
     metrics = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
     while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):  # both are training (collectives done)
-        for p in procs:
-            assert p.poll() is None, f"a process ended early: {p.communicate()}"
+        for i, p in enumerate(procs):
+            if p.poll() is not None:
+                stdout, stderr = p.communicate()
+                for q in procs:  # the other one would wait for its peer until the heartbeat timeout
+                    q.kill()
+                check_not_crashed(p.returncode, stderr, f"process {i}")
+                raise AssertionError(f"process {i} ended early (exit {p.returncode}):\n{stderr[-4000:]}")
         assert time.time() - t0 < 240, "training did not start"
         time.sleep(0.1)
     procs[victim].kill()
@@ -171,3 +191,26 @@ def test_settings_from_config_and_environment():
         distributed_settings({"distributed": {"num_processes": 2, "process_id": 0}}, environ={})
     with pytest.raises(ValueError, match="must be 'host:port'"):
         distributed_settings({}, environ=dict(env, MMJAX_COORDINATOR_ADDRESS="10.1.2.3"))
+
+
+def test_a_native_crash_is_retried_once_and_only_once():
+    from tests.native_crash import NativeCrash
+
+    crashed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    with pytest.raises(NativeCrash, match="died of SIGSEGV"):
+        check_not_crashed(crashed.returncode, "", "the child")
+    check_not_crashed(1, "", "a plain failure is not a crash")  # it fails the test as any error does
+
+    def crashes_first(attempt):
+        if attempt == 0:
+            raise NativeCrash("boom")
+        return "done"
+
+    with pytest.warns(UserWarning, match="openxla/xla#16430"):
+        assert run_with_one_retry_after_a_crash(crashes_first) == "done"
+
+    def always_crashes(attempt):
+        raise NativeCrash(f"boom {attempt}")
+
+    with pytest.warns(UserWarning), pytest.raises(NativeCrash, match="boom 1"):
+        run_with_one_retry_after_a_crash(always_crashes)

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from tests.native_crash import check_not_crashed, run_with_one_retry_after_a_crash
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 6  # seconds without heartbeats before a process is declared dead
 STEPS = 12
@@ -104,6 +106,7 @@ def _start(config, workdir, **extra_env):
             os.environ,
             PYTHONPATH=REPO,
             JAX_PLATFORMS="cpu",
+            PYTHONFAULTHANDLER="1",  # a crash in native code prints the Python stack of every thread
             XLA_FLAGS="--xla_force_host_platform_device_count=4",
             MMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             MMJAX_NUM_PROCESSES="2",
@@ -137,6 +140,7 @@ def _finish(procs, timeout=600):
 
 def _succeeded(outs):
     for i, (rc, result, stderr) in enumerate(outs):
+        check_not_crashed(rc, stderr, f"process {i}")
         assert rc == 0 and result is not None, f"process {i} failed (rc={rc}):\n{stderr[-4000:]}"
     return [result for _, result, _ in outs]
 
@@ -151,7 +155,12 @@ def _wait_for_step(procs, workdir, step, timeout=400):
     t0 = time.time()
     while not any(s >= step for s in _train_steps(workdir)):
         for p in procs:
-            assert p.poll() is None, f"a process ended early: {p.communicate()}"
+            if p.poll() is not None:
+                stdout, stderr = p.communicate()
+                for q in procs:  # the other one would wait for its peer until the heartbeat timeout
+                    q.kill()
+                check_not_crashed(p.returncode, stderr, f"process {procs.index(p)}")
+                raise AssertionError(f"process {procs.index(p)} ended early (exit {p.returncode}):\n{stderr[-6000:]}")
         assert time.time() - t0 < timeout, f"training did not reach step {step} in {timeout} s"
         time.sleep(0.05)
 
@@ -175,11 +184,17 @@ def _state(workdir, step):
 
 
 def test_preemption_host_death_and_pmap_across_processes(tmp_path, monkeypatch):
+    run_with_one_retry_after_a_crash(_scenario, tmp_path, monkeypatch)
+
+
+def _scenario(attempt, tmp_path, monkeypatch):
     from mmjax.train import train_and_evaluate
     from mmjax.train.metrics import read_metrics
     from tests.test_train_models import write_tiny_fashion_mnist
     from tests.tolerances import assert_float32_close, assert_trees_float32_close
 
+    tmp_path = tmp_path / f"attempt_{attempt}"
+    tmp_path.mkdir()
     data_dir = write_tiny_fashion_mnist(tmp_path / "data")
     reference_dir, workdir = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
     one_dir = str(tmp_path / "one_process")
