@@ -29,3 +29,15 @@ def run_with_one_retry_after_a_crash(scenario, *args):
             stacklevel=2,
         )
         return scenario(1, *args)
+
+
+def fail_if_one_ended(procs) -> None:
+    """While a multi-process job should still run: if one of ``procs`` has ended, kills the others (they would wait
+    for their peer until the heartbeat timeout) and fails, with :class:`NativeCrash` for a SIGSEGV."""
+    for i, p in enumerate(procs):
+        if p.poll() is not None:
+            _, stderr = p.communicate()
+            for q in procs:
+                q.kill()
+            check_not_crashed(p.returncode, stderr, f"process {i}")
+            raise AssertionError(f"process {i} ended early (exit {p.returncode}):\n{stderr[-6000:]}")

@@ -19,7 +19,7 @@ from mmjax.train.distributed import distributed_settings, initialize
 from mmjax.train.metrics import read_metrics
 from mmjax.train.optimizer import param_path
 from tests.jobs.contrastive_job import tiny_config
-from tests.native_crash import check_not_crashed, run_with_one_retry_after_a_crash
+from tests.native_crash import check_not_crashed, fail_if_one_ended, run_with_one_retry_after_a_crash
 from tests.tolerances import adam_params_atol, float32_atol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,13 +137,7 @@ def _killed_process_makes_the_other_fail(attempt, tmp_path, victim):
     metrics = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
     while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):  # both are training (collectives done)
-        for i, p in enumerate(procs):
-            if p.poll() is not None:
-                stdout, stderr = p.communicate()
-                for q in procs:  # the other one would wait for its peer until the heartbeat timeout
-                    q.kill()
-                check_not_crashed(p.returncode, stderr, f"process {i}")
-                raise AssertionError(f"process {i} ended early (exit {p.returncode}):\n{stderr[-4000:]}")
+        fail_if_one_ended(procs)
         assert time.time() - t0 < 240, "training did not start"
         time.sleep(0.1)
     procs[victim].kill()
@@ -214,3 +208,12 @@ def test_a_native_crash_is_retried_once_and_only_once():
 
     with pytest.warns(UserWarning), pytest.raises(NativeCrash, match="boom 1"):
         run_with_one_retry_after_a_crash(always_crashes)
+
+
+def test_one_process_ending_early_fails_and_stops_the_others():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stderr=subprocess.PIPE)
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stderr=subprocess.PIPE, text=True)
+    failed.wait()
+    with pytest.raises(AssertionError, match=r"process 1 ended early \(exit 3\)"):
+        fail_if_one_ended([sleeper, failed])
+    assert sleeper.wait(timeout=10) == -9  # killed, not left waiting for its peer

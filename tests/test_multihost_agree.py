@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from tests.native_crash import check_not_crashed, run_with_one_retry_after_a_crash
+from tests.native_crash import check_not_crashed, fail_if_one_ended, run_with_one_retry_after_a_crash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 6  # seconds without heartbeats before a process is declared dead
@@ -154,13 +154,7 @@ def _train_steps(workdir):
 def _wait_for_step(procs, workdir, step, timeout=400):
     t0 = time.time()
     while not any(s >= step for s in _train_steps(workdir)):
-        for p in procs:
-            if p.poll() is not None:
-                stdout, stderr = p.communicate()
-                for q in procs:  # the other one would wait for its peer until the heartbeat timeout
-                    q.kill()
-                check_not_crashed(p.returncode, stderr, f"process {procs.index(p)}")
-                raise AssertionError(f"process {procs.index(p)} ended early (exit {p.returncode}):\n{stderr[-6000:]}")
+        fail_if_one_ended(procs)
         assert time.time() - t0 < timeout, f"training did not reach step {step} in {timeout} s"
         time.sleep(0.05)
 
