@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
 
-import benchmarking  # noqa: E402
+
+@pytest.fixture
+def benchmarking(monkeypatch):
+    """experiments/benchmarking.py, imported with experiments/ on sys.path for this test only (the bench scripts put
+    it there when imported; the original list comes back afterwards, see tests/test_gnn_tasks.py)."""
+    import importlib
+
+    monkeypatch.setattr(sys, "path", [os.path.join(REPO, "experiments"), *sys.path])
+    return importlib.import_module("benchmarking")
+
 
 FAKE = """
 import json, os, sys, time
@@ -38,7 +46,7 @@ def fake_script(tmp_path):
     return str(path)
 
 
-def test_sides_run_interleaved_each_in_a_process_of_its_own(fake_script, tmp_path):
+def test_sides_run_interleaved_each_in_a_process_of_its_own(benchmarking, fake_script, tmp_path):
     log = str(tmp_path / "order.jsonl")
     result = benchmarking.compare(fake_script, ["a", "b"], {"steps": 4, "warmup": 1, "log": log}, rounds=3)
     order = [json.loads(line) for line in open(log)]
@@ -58,7 +66,7 @@ def test_sides_run_interleaved_each_in_a_process_of_its_own(fake_script, tmp_pat
     assert result["load"]["loaded"] in (True, False)  # this machine has /proc/stat
 
 
-def test_a_failing_side_is_reported_with_its_error(fake_script, tmp_path):
+def test_a_failing_side_is_reported_with_its_error(benchmarking, fake_script, tmp_path):
     options = {"steps": 1, "warmup": 0, "log": str(tmp_path / "log")}
     result = benchmarking.compare(fake_script, ["a", "broken"], options, rounds=1)
     assert "wall_s" in result["sides"]["a"]
@@ -66,7 +74,7 @@ def test_a_failing_side_is_reported_with_its_error(fake_script, tmp_path):
     assert benchmarking.ratio(result, "a", "broken") is None
 
 
-def test_machine_record_and_descriptions():
+def test_machine_record_and_descriptions(benchmarking):
     info = benchmarking.machine()
     assert info["cores"] >= 1 and len(info["load_average"]) == 3 and info["cpu"]
     assert {"jax", "jaxlib", "torch"} <= set(info["versions"])
@@ -79,7 +87,7 @@ def test_machine_record_and_descriptions():
     assert benchmarking.load_verdict(busy_s=9.0, own_s=6.0, wall_s=5.0, n_cores=2)["loaded"] is True
 
 
-def test_side_environment_and_bad_arguments(tmp_path):
+def test_side_environment_and_bad_arguments(benchmarking, tmp_path):
     env = benchmarking.side_env()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO and env["GLIBC_TUNABLES"]
     with pytest.raises(ValueError, match="steps must be >= 1"):
@@ -98,7 +106,7 @@ def _check_timed(result, prefix=""):
     assert np.isfinite(result[prefix + "wall_s"][0])
 
 
-def test_every_benchmarks_sides_run_at_a_tiny_size():
+def test_every_benchmarks_sides_run_at_a_tiny_size(benchmarking):
     import bench_attention
     import bench_clip
     import bench_gnn
@@ -121,7 +129,7 @@ def test_every_benchmarks_sides_run_at_a_tiny_size():
         assert out["peak_mib"] >= 0 and 1 <= len(out["wall_s"]) <= 5
 
 
-def test_summary_plot_and_bad_benchmark_names(tmp_path):
+def test_summary_plot_and_bad_benchmark_names(benchmarking, tmp_path):
     import bench_all
 
     load = {"others_cpu_share": 0.01, "loaded": False}
