@@ -37,10 +37,6 @@ B, N, D = 1, 8, 64
 IMPLS = ("mmjax", "chunked", "jaxnn", "torch")
 
 
-def _rss_mib() -> float:
-    return benchmarking.peak_rss_mib()
-
-
 def _time(fn, warmup) -> dict:
     """``wall_s`` / ``cpu_s`` of up to 5 calls of ``fn``, stopping after ~10 s, after ``warmup()``."""
     warmup()
@@ -60,7 +56,7 @@ def _worker_jax(impl: str, T: int, causal: bool, mode: str) -> dict:
 
     from mmjax.attention import dot_product_attention, select_implementation
 
-    base = _rss_mib()
+    base = benchmarking.peak_rss_mib()
     r = np.random.default_rng(0)
     q, k, v, ct = (jnp.asarray(r.standard_normal((B, T, N, D), np.float32)) for _ in range(4))
     if impl == "jaxnn":
@@ -76,7 +72,7 @@ def _worker_jax(impl: str, T: int, causal: bool, mode: str) -> dict:
         f = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attn(q, k, v), ct), argnums=(0, 1, 2)))
     compiled = f.lower(q, k, v).compile()
     timed = _time(lambda: jax.block_until_ready(compiled(q, k, v)), lambda: None)
-    return dict(**timed, peak_mib=_rss_mib() - base, chosen=chosen)
+    return dict(**timed, peak_mib=benchmarking.peak_rss_mib() - base, chosen=chosen)
 
 
 def _worker_torch(T: int, causal: bool, mode: str) -> dict:
@@ -85,7 +81,7 @@ def _worker_torch(T: int, causal: bool, mode: str) -> dict:
     import torch.nn.functional as F
 
     threads = benchmarking.torch_threads()
-    base = _rss_mib()
+    base = benchmarking.peak_rss_mib()
     g = torch.Generator().manual_seed(0)
     q, k, v, ct = (torch.randn(B, N, T, D, generator=g) for _ in range(4))
     if mode == "fwd":
@@ -103,7 +99,9 @@ def _worker_torch(T: int, causal: bool, mode: str) -> dict:
             F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(ct)
 
     timed = _time(run, run)
-    return dict(**timed, peak_mib=_rss_mib() - base, chosen=f"torch {torch.__version__}", threads=threads)
+    return dict(
+        **timed, peak_mib=benchmarking.peak_rss_mib() - base, chosen=f"torch {torch.__version__}", threads=threads
+    )
 
 
 SIDES = {
