@@ -157,3 +157,45 @@ def test_bad_arguments_raise(idx_dir):
         C.render(_solid_items([0]), [0], [0], [0], image_size=8)
     with pytest.raises(FileNotFoundError):
         C.make_captions("train", 2, data_dir=os.path.join(idx_dir, "missing"))
+
+
+# ---------------------------------------------------------------------------- reading attributes back from pixels
+
+
+@pytest.mark.parametrize("image_size", [48, 64])
+def test_measure_attributes_reads_real_renders_back(image_size):
+    """On real Fashion-MNIST items (the Debian package), colour, size and position come back from the pixels."""
+    data = C.make_captions("test", 1500, seed=0, image_size=image_size)
+    got = C.measure_attributes(data.images)
+    assert (got["colour"] == data.colour).mean() == 1.0
+    # an item thinner than its frame along both axes (a few sandals, t-shirts) reads as small: under 1% here
+    assert (got["size"] == data.size).mean() >= 0.99
+    assert (got["position"] == data.position).mean() >= 0.995
+    as_float = C.measure_attributes(data.images[:50].astype(np.float32) * 0.8)  # dimmer, float: the same reading
+    for key in got:
+        np.testing.assert_array_equal(as_float[key], got[key][:50])
+
+
+def test_measure_attributes_tells_each_palette_colour_and_place_apart():
+    n = len(C.COLOUR_NAMES) * len(C.SIZE_NAMES) * len(C.POSITION_NAMES)
+    colour, size, position = (a.ravel() for a in np.indices((8, 2, 5)))
+    images = C.render(_solid_items(range(n)), colour, size, position, image_size=48)
+    got = C.measure_attributes(images)
+    np.testing.assert_array_equal(got["colour"], colour)
+    np.testing.assert_array_equal(got["size"], size)
+    np.testing.assert_array_equal(got["position"], position)
+    black = C.measure_attributes(np.zeros((2, 48, 48, 3), np.uint8))
+    assert all((v == -1).all() for v in black.values())
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((2, 48, 48)), r"\[N, S, S, 3\]"),
+        (np.zeros((2, 48, 40, 3)), "square"),
+        (np.zeros((1, 8, 8, 3), bool), "dtype"),
+    ],
+)
+def test_measure_attributes_refuses_bad_images(images, match):
+    with pytest.raises(ValueError, match=match):
+        C.measure_attributes(images)

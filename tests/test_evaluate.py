@@ -264,3 +264,91 @@ def test_linear_probe_tie_break_picks_the_smallest_tied_l2_in_any_grid_order():
         got = evaluate.linear_probe(xtr, ytr, xtr, ytr, l2_grid=grid, seed=0)
         assert got["val_accuracy"] == 1.0
         assert got["l2"] == 1e-3, got
+
+
+# ------------------------------------------------------------------------------------------ frechet distance
+
+
+def _scipy_frechet(a, b):
+    """The usual FID formula with scipy.linalg.sqrtm of the product (pytorch-fid's computation), float64."""
+    import scipy.linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(c_a @ c_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(c_a + c_b - 2 * root))
+
+
+@pytest.mark.parametrize("dim, n_a, n_b", [(4, 50, 80), (16, 300, 200), (32, 100, 1000)])
+def test_frechet_distance_equals_the_sqrtm_formula(dim, n_a, n_b):
+    rng = np.random.default_rng(dim)
+    mix = rng.standard_normal((dim, dim))
+    a = rng.standard_normal((n_a, dim)) @ mix
+    b = rng.standard_normal((n_b, dim)) @ (mix + 0.3 * rng.standard_normal((dim, dim))) + 0.5
+    want = _scipy_frechet(a, b)
+    np.testing.assert_allclose(evaluate.frechet_distance(a, b), want, rtol=1e-8)
+    np.testing.assert_allclose(evaluate.frechet_distance(b, a), want, rtol=1e-8)  # symmetric
+
+
+def test_frechet_distance_of_gaussians_has_the_closed_form():
+    """Isotropic Gaussians N(m, s^2 I) and N(m', t^2 I): d^2 = |m - m'|^2 + D (s - t)^2, up to sampling error."""
+    rng = np.random.default_rng(0)
+    dim = 3
+    a = rng.standard_normal((200_000, dim)) * 1.0
+    b = rng.standard_normal((200_000, dim)) * 2.0 + np.array([1.0, 0.0, -1.0])
+    assert abs(evaluate.frechet_distance(a, b) - (2.0 + dim * 1.0)) < 0.05
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (np.zeros((5, 3)), np.zeros((5, 4)), "same embedding width"),
+        (np.zeros((1, 3)), np.zeros((5, 3)), "at least 2 rows"),
+        (np.zeros(5), np.zeros((5, 3)), "rank 2"),
+        (np.full((5, 3), np.nan), np.zeros((5, 3)), "non-finite"),
+    ],
+)
+def test_frechet_distance_refuses_bad_features(a, b, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate.frechet_distance(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- COCO AP
+
+
+def _image(boxes, labels, scores=None):
+    out = {"boxes": np.asarray(boxes, np.float64).reshape(-1, 4), "labels": np.asarray(labels, np.int64)}
+    if scores is not None:
+        out["scores"] = np.asarray(scores, np.float64)
+    return out
+
+
+def test_coco_ap_by_hand():
+    """Perfect boxes give 1; a confident false positive before the one true box halves precision at every recall."""
+    gt = [_image([[0, 0, 40, 40]], [0]), _image([[10, 10, 110, 110]], [1])]
+    perfect = [_image([[0, 0, 40, 40]], [0], [0.9]), _image([[10, 10, 110, 110]], [1], [0.8])]
+    want = {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "APs": -1.0, "APm": 1.0, "APl": 1.0}
+    assert evaluate.coco_ap(gt, perfect) == pytest.approx(want, abs=1e-12)  # precision tp / (tp + fp + 2^-52)
+    fp_first = [_image([[0, 0, 40, 40], [300, 300, 340, 340]], [0, 0], [0.5, 0.9]), perfect[1]]
+    got = evaluate.coco_ap(gt, fp_first)
+    assert got["APm"] == pytest.approx(0.5) and got["APl"] == pytest.approx(1.0) and got["AP"] == pytest.approx(0.75)
+    shifted = [_image([[0, 0, 40, 30]], [0], [0.9]), perfect[1]]  # IoU 0.75: a hit at 0.50-0.75, a miss above
+    assert evaluate.coco_ap(gt, shifted)["APm"] == pytest.approx(6 / 10)
+    assert evaluate.coco_ap(gt, [_image([], [], []), _image([], [], [])])["AP"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "gt, det, match",
+    [
+        ([_image([[0, 0, 1, 1]], [0])], [], "1 images but detections has 0"),
+        ([_image([[5, 0, 1, 1]], [0])], [_image([], [], [])], r"ground_truth\[0\]\['boxes'\]\[0\].*x1 < x0"),
+        ([_image([[0, 0, 1, 1]], [0])], [{"boxes": np.zeros((1, 4)), "labels": [0]}], r"no \['scores'\]"),
+        ([{"boxes": np.zeros((2, 3)), "labels": [0, 1]}], [_image([], [], [])], r"shape \[N, 4\]"),
+        ([_image([[0, 0, 1, 1]], [0])], [_image([[0, 0, 1, 1]], [0], [np.nan])], "non-finite scores"),
+        ([{"boxes": np.zeros((1, 4)), "labels": [0.5]}], [_image([], [], [])], "integer category ids"),
+    ],
+)
+def test_coco_ap_refuses_bad_input(gt, det, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate.coco_ap(gt, det)

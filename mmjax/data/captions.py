@@ -50,6 +50,7 @@ __all__ = [
     "make_captions",
     "render",
     "item_boxes",
+    "measure_attributes",
     "combo_names",
 ]
 
@@ -255,6 +256,64 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
             top, left = int(boxes[s, p, 0]), int(boxes[s, p, 1])
             canvas[in_size[here], top : top + side, left : left + side] = tinted[here]
     return canvas
+
+
+def measure_attributes(images, threshold: float = 0.25) -> dict[str, np.ndarray]:
+    """Reads colour, size and position back from canvases: the inverse of :func:`render`, for generated images.
+
+    A pixel belongs to the item where its brightness ``v = max(R, G, B)`` exceeds ``threshold`` times the image's
+    brightest pixel. Its *colour* is the palette entry (:data:`COLOUR_RGB`, scaled to ``[0, 1]``) nearest to the
+    brightness-weighted mean chroma ``sum(v * rgb / v) / sum(v)`` of those pixels (rendering multiplies one grey
+    level by one colour, so ``rgb / max(rgb)`` is the colour at every pixel of a real item). Its *size and position*
+    are those of the box of :func:`item_boxes` nearest to the item pixels' bounding box: the size whose side is
+    nearest (in ratio) to the bounding box's longer side, then the position whose centre is nearest to its centre
+    (Fashion-MNIST items are centred in their frame and span it along their longer side).
+
+    Args:
+      images: ``[N, S, S, 3]`` canvases, ``uint8`` or floats in ``[0, 255]`` (a generator's ``[-1, 1]`` output
+        rescaled as ``(x + 1) * 127.5``).
+      threshold: item pixels are those brighter than this fraction of the brightest pixel.
+
+    Returns:
+      ``{"colour": int [N], "size": int [N], "position": int [N]}`` (indices into :data:`COLOUR_NAMES`,
+      :data:`SIZE_NAMES`, :data:`POSITION_NAMES`). An all-black image gets colour, size and position ``-1``.
+
+    >>> imgs = render(np.full((2, 28, 28), 200, np.uint8), [0, 6], [0, 1], [1, 4])
+    >>> {k: v.tolist() for k, v in measure_attributes(imgs).items()}
+    {'colour': [0, 6], 'size': [0, 1], 'position': [1, 4]}
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise UserError(f"images must be square RGB canvases [N, S, S, 3], got shape {images.shape}.")
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise UserError(f"images must be uint8 or float in [0, 255], got dtype {images.dtype}.")
+    if not 0.0 < float(threshold) < 1.0:
+        raise UserError(f"threshold must lie in (0, 1), got {threshold}.")
+    x = np.clip(images.astype(np.float64), 0.0, 255.0) / 255.0
+    v = x.max(axis=-1)  # [N, S, S]
+    peak = v.reshape(len(v), -1).max(axis=1) if len(v) else np.zeros(0)
+    mask = (v > threshold * peak[:, None, None]) & (peak[:, None, None] > 0)
+    weight = np.where(mask, v, 0.0)
+    chroma = x / np.maximum(v, 1e-12)[..., None]  # rgb / max(rgb): the colour, whatever the grey level
+    mass = weight.sum(axis=(1, 2))
+    mean_chroma = (weight[..., None] * chroma).sum(axis=(1, 2)) / np.maximum(mass, 1e-12)[:, None]
+    palette = COLOUR_RGB.astype(np.float64) / 255.0
+    colour = np.argmin(((mean_chroma[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    boxes = item_boxes(images.shape[1])  # [sizes, positions, 4] (top, left, h, w)
+    rows, cols = mask.any(axis=2), mask.any(axis=1)  # [N, S]
+    idx = np.arange(images.shape[1])
+    first = lambda m: np.where(m.any(1), np.argmax(m, axis=1), 0)
+    last = lambda m: np.where(m.any(1), len(idx) - 1 - np.argmax(m[:, ::-1], axis=1), 0)
+    top, bottom, left, right = first(rows), last(rows), first(cols), last(cols)
+    extent = np.maximum(bottom - top, right - left) + 1.0  # the item's longer side, in pixels
+    sides = boxes[:, 0, 2].astype(np.float64)
+    size = np.argmin(np.abs(np.log(extent[:, None] / sides[None, :])), axis=1)
+    centre = np.stack([(top + bottom) / 2.0, (left + right) / 2.0], axis=1)  # [N, 2]
+    box_centres = boxes[..., :2] + (boxes[..., 2:] - 1) / 2.0  # [sizes, positions, 2]
+    position = np.argmin(((centre[:, None, :] - box_centres[size]) ** 2).sum(-1), axis=1)
+    empty = mass <= 0
+    out = {"colour": colour, "size": size, "position": position}
+    return {k: np.where(empty, -1, a).astype(np.int64) for k, a in out.items()}
 
 
 def _source(split, data_dir, source):

@@ -1,4 +1,4 @@
-"""Model-agnostic evaluation on embeddings: accuracy, zero-shot classification, retrieval, linear probe, plots.
+"""Evaluation on embeddings: accuracy, zero-shot classification, retrieval, linear probe, plots.
 
 Every function takes NumPy or JAX arrays, computes on the host in NumPy (float64 where it matters), and returns
 plain Python floats / NumPy arrays, so the results can go straight into metrics writers and JSON files.

@@ -1,0 +1,44 @@
+"""Model-agnostic evaluation: every function takes NumPy or JAX arrays, computes on the host in NumPy (float64
+where it matters), and returns plain Python floats, dicts and NumPy arrays, ready for metrics writers and JSON.
+
+One concept per submodule, every public name re-exported here (``mmjax.evaluate.coco_ap``, ...):
+
+* :mod:`~mmjax.evaluate.embeddings`: :func:`topk_accuracy`, :func:`confusion_matrix`, zero-shot classification
+  (:func:`zero_shot_classifier`, :func:`zero_shot_accuracy`), image<->text :func:`retrieval_recall`, the ridge
+  :func:`linear_probe`, and the plots :func:`plot_confusion_matrix`, :func:`plot_retrieval_grid` (matplotlib's Agg
+  canvas: no pyplot, no global backend change).
+* :mod:`~mmjax.evaluate.detection`: :func:`coco_ap`, COCO box average precision exactly as pycocotools' ``COCOeval``.
+* :mod:`~mmjax.evaluate.generation`: :func:`frechet_distance` (FID on any feature extractor).
+
+>>> from mmjax import evaluate
+>>> evaluate.topk_accuracy([[0.1, 0.9], [0.8, 0.2]], [1, 1])
+0.5
+"""
+
+from mmjax.evaluate.detection import coco_ap
+from mmjax.evaluate.embeddings import (
+    confusion_matrix,
+    l2_normalize,
+    linear_probe,
+    plot_confusion_matrix,
+    plot_retrieval_grid,
+    retrieval_recall,
+    topk_accuracy,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from mmjax.evaluate.generation import frechet_distance
+
+__all__ = [
+    "coco_ap",
+    "confusion_matrix",
+    "frechet_distance",
+    "l2_normalize",
+    "linear_probe",
+    "plot_confusion_matrix",
+    "plot_retrieval_grid",
+    "retrieval_recall",
+    "topk_accuracy",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
+]
