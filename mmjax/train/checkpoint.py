@@ -95,7 +95,25 @@ class Checkpointer:
                 "delete that step directory to resume from an older checkpoint, or use a fresh --workdir"
             ) from e
 
-    def _check_compatible(self, step: int, target: Any, path: str) -> None:
+    def saved_keys(self, step: int | None = None) -> list[str]:
+        """The top-level keys of the tree saved as checkpoint ``step`` (default: latest), read from its metadata
+        (nothing is restored): ``["opt_state", "params", "step"]`` for a train state, plus ``"ema_params"`` when it
+        keeps an EMA of the parameters. Raises ``ValueError`` naming the directory when it cannot be read.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> ckpt = Checkpointer(tempfile.mkdtemp())
+        >>> ckpt.save(1, {"params": {"w": jnp.ones(2)}, "step": jnp.int32(1)})
+        >>> ckpt.saved_keys()
+        ['params', 'step']
+        >>> ckpt.close()
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint found in {self.directory}")
+        saved = self._saved_tree(step, self.step_dir(step))
+        return sorted(saved) if hasattr(saved, "keys") else []
+
+    def _saved_tree(self, step: int, path: str) -> Any:
         try:
             meta = self._manager.item_metadata(step)
             saved = getattr(meta, "tree", meta)
@@ -106,6 +124,10 @@ class Checkpointer:
             ) from e
         if saved is None:
             raise UserError(f"checkpoint {path} has no metadata (corrupt?); delete it or use a fresh --workdir")
+        return saved
+
+    def _check_compatible(self, step: int, target: Any, path: str) -> None:
+        saved = self._saved_tree(step, path)
         want = _shapes(target)
         have = _shapes(saved)
         if want != have:

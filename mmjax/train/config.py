@@ -89,6 +89,10 @@ def default_config(task: str | None = None) -> ml_collections.ConfigDict:
             grad_clip=1.0,
             grad_accum_steps=1,
             decay_rules=DEFAULT_DECAY_RULES,
+            # exponential moving average of the parameters, updated after every step; evaluation and the task's
+            # final report use it (mmjax.train.optimizer.update_ema); 0 = off, else in (0, 1), e.g. 0.999
+            ema_decay=0.0,
+            ema_warmup=False,  # decay min(ema_decay, (1 + step) / (10 + step)) instead of ema_decay
         )
     )
     c.parallel = ml_collections.ConfigDict(
@@ -296,6 +300,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         o.grad_accum_steps,
         "an int >= 1",
     )
+    _check(
+        is_number(o.ema_decay) and 0 <= o.ema_decay < 1,
+        "optimizer.ema_decay",
+        o.ema_decay,
+        "a number in [0, 1) (0 = no EMA of the parameters)",
+    )
+    _check(isinstance(o.ema_warmup, bool), "optimizer.ema_warmup", o.ema_warmup, "True or False")
+    if o.ema_warmup and not o.ema_decay:
+        raise ConfigError(
+            "config.optimizer.ema_warmup=True needs config.optimizer.ema_decay > 0 (the EMA it warms up is off)"
+        )
     _check(is_int(c.log_every) and c.log_every >= 1, "log_every", c.log_every, "an int >= 1")
     _check(is_int(c.eval_every) and c.eval_every >= 0, "eval_every", c.eval_every, "an int >= 0 (0 = at the end)")
     _check(

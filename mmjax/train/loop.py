@@ -2,7 +2,8 @@
 
 1. merge the config over the defaults and validate it; write ``workdir/config.json``;
 2. build the parallel plan (checks the batch divides the devices before anything compiles) and the task;
-3. initialise parameters from the seed, build the optimizer and the train state;
+3. initialise parameters from the seed, build the optimizer and the train state (with ``ema_params``, a copy of the
+   initial parameters, when ``config.optimizer.ema_decay > 0``);
 4. restore the latest checkpoint of ``workdir/checkpoints`` if there is one (an unreadable or mismatching one is an
    error) - the data order, dropout keys and schedule all derive from the step, so the run continues exactly;
 5. run the steps: log train metrics every ``log_every``, evaluate every ``eval_every``, checkpoint every
@@ -10,6 +11,12 @@
    during steps 1-4, before training began, stops the run after its first step; with several processes, a SIGTERM to any of them stops all of them after the same step: the next one, see
    :class:`mmjax.train.distributed.StopAgreement`);
 6. evaluate, save the curve plot and return the final metrics.
+
+With ``config.optimizer.ema_decay > 0`` every step also updates the exponential moving average of the parameters
+(:func:`mmjax.train.optimizer.update_ema`, inside the compiled step, in every parallel mode), checkpoints hold it
+and a resumed run continues it exactly; every evaluation - during training, at the end, :func:`evaluate` and the
+task's ``final_report`` - then uses the EMA parameters (:attr:`mmjax.train.state.TrainState.eval_params`) instead of
+the raw ones, which only the optimizer sees.
 
 Outputs in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``,
 ``curves.png``, and what the task saves with the run (the contrastive task's word vocabulary, ``vocab.json``).
@@ -40,7 +47,7 @@ from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import from_json, prepare_config, to_json
 from mmjax.train.distributed import StopAgreement
 from mmjax.train.metrics import MetricLogger, Stopwatch
-from mmjax.train.optimizer import global_norm, make_optimizer
+from mmjax.train.optimizer import ema_decay_at, global_norm, make_optimizer, update_ema
 from mmjax.train.parallel import MESH_AXIS, Plan, make_plan, split_micro_batches
 from mmjax.train.state import TrainState
 from mmjax.train.task import make_task
@@ -49,7 +56,9 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
+def make_train_step(
+    task, tx, schedule, plan: Plan, accum: int, seed: int, *, ema_decay: float = 0.0, ema_warmup: bool = False
+):
     """Returns ``step_fn(state, batch) -> (state, metrics)`` (not yet compiled) for ``plan``.
 
     The dropout key of step ``t`` is ``fold_in(fold_in(key(seed), 1), t)`` (and the device index under pmap).
@@ -57,6 +66,12 @@ def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
     :func:`mmjax.train.parallel.split_micro_batches`) whose gradients are averaged with a ``lax.scan``.
 
     Metrics of a step: the task's, plus ``loss``, ``grad_norm`` (global L2 norm of the averaged gradient) and ``lr``.
+
+    With ``ema_decay > 0`` (``config.optimizer.ema_decay``; the state must carry ``ema_params``, see
+    :meth:`TrainState.create`) the step ends with ``ema = d ema + (1 - d) params`` on the updated parameters, where
+    ``d = ema_decay_at(ema_decay, step, ema_warmup)`` (:func:`mmjax.train.optimizer.update_ema`). The EMA never
+    feeds back: the parameters follow exactly the trajectory they follow without it.
+
     A least-squares "task" with ``w = 0``: the gradient of ``mean((x w - y)^2)`` is ``-2`` per weight, so SGD with
     learning rate 0.1 moves ``w`` to 0.2:
 
@@ -71,6 +86,11 @@ def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
     (1, [0.2, 0.2], 1.0)
     >>> sorted(metrics), round(float(metrics["grad_norm"]), 4)
     (['grad_norm', 'loss', 'lr'], 2.8284)
+    >>> ema_step = jax.jit(make_train_step(LeastSquares(), tx, schedule, make_plan("single"), 1, 0, ema_decay=0.5))
+    >>> state, _ = ema_step(TrainState.create({"w": jnp.zeros(2)}, tx, ema=True), {"x": jnp.ones((4, 2)),
+    ...                                                                             "y": jnp.ones(4)})
+    >>> state.params["w"].tolist(), state.ema_params["w"].tolist()  # ema = 0.5 * 0 + 0.5 * 0.2
+    ([0.20000000298023224, 0.20000000298023224], [0.10000000149011612, 0.10000000149011612])
     """
     axis_name = plan.axis_name
     groups = plan.num_devices if plan.mode == "sharded" else 1
@@ -82,6 +102,11 @@ def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step_fn(state: TrainState, batch):
+        if (state.ema_params is not None) != (ema_decay > 0):
+            raise ValueError(
+                f"make_train_step(ema_decay={ema_decay!r}) needs a state "
+                + ("with ema_params: TrainState.create(..., ema=True)" if ema_decay > 0 else "without ema_params")
+            )
         rng = jax.random.fold_in(base_rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -106,8 +131,12 @@ def make_train_step(task, tx, schedule, plan: Plan, accum: int, seed: int):
             grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = update_ema(ema_params, params, ema_decay_at(ema_decay, state.step, ema_warmup))
         metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+        return new_state, metrics
 
     return step_fn
 
@@ -154,13 +183,29 @@ def _setup(config, workdir: str):
     tx, schedule = make_optimizer(config.optimizer, params, total_steps)
     if hasattr(task, "wrap_optimizer"):  # optional hook, e.g. freezing a tower
         tx = task.wrap_optimizer(tx, params)
-    state = TrainState.create(params, tx)
+    state = TrainState.create(params, tx, ema=config.optimizer.ema_decay > 0)
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     if ckpt.latest_step() is not None:
+        _check_checkpoint_ema(ckpt, config.optimizer.ema_decay)
         shardings = plan.state_shardings(state)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         state = ckpt.restore(target)
     return plan, task, tx, schedule, state, ckpt, total_steps
+
+
+def _check_checkpoint_ema(ckpt: Checkpointer, ema_decay: float) -> None:
+    """A checkpoint with EMA parameters resumes only with ``ema_decay > 0``, one without them only with 0."""
+    step = ckpt.latest_step()
+    saved = ckpt.saved_keys(step)
+    if ("ema_params" in saved) == (ema_decay > 0):
+        return
+    if ema_decay > 0:
+        what = f"was written without an EMA of the parameters, but config.optimizer.ema_decay={ema_decay!r} needs one"
+        fix = "resume with config.optimizer.ema_decay=0 (the setting the run started with)"
+    else:
+        what = "holds an EMA of the parameters, but config.optimizer.ema_decay=0 (off)"
+        fix = "resume (or evaluate) with the config.optimizer.ema_decay the run was trained with (see its config.json)"
+    raise UserError(f"checkpoint {ckpt.step_dir(step)} {what}; {fix}, or use a fresh --workdir")
 
 
 def _evaluate(task, plan: Plan, eval_step, placed_params) -> dict[str, float]:
@@ -183,9 +228,10 @@ def _write_config(config, workdir: str) -> None:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics.
 
-    Returns a dict with ``step``, ``eval_<metric>`` (e.g. ``eval_accuracy``), ``train_loss``, ``wall_time_s``,
-    ``examples_per_s`` (steady state, after the first step), ``workdir`` and ``preempted`` (True when SIGTERM stopped
-    the run early; the checkpoint is saved and rerunning the same command resumes).
+    Returns a dict with ``step``, ``eval_<metric>`` (e.g. ``eval_accuracy``; of the EMA parameters when
+    ``config.optimizer.ema_decay > 0``), ``train_loss``, ``wall_time_s``, ``examples_per_s`` (steady state, after the
+    first step), ``workdir`` and ``preempted`` (True when SIGTERM stopped the run early; the checkpoint is saved and
+    rerunning the same command resumes).
 
     Raises:
       ValueError: bad config values (naming key, value and valid choices), a batch that does not divide the devices,
@@ -225,7 +271,11 @@ def _train(config, workdir: str, watch: Stopwatch, preemption: _Preemption) -> d
     start_step = int(state.step)
     accum = config.optimizer.grad_accum_steps
     abstract = jax.eval_shape(lambda s: s, state)
-    step_fn = plan.compile_train_step(make_train_step(task, tx, schedule, plan, accum, config.seed), abstract)
+    opt = config.optimizer
+    step_fn = make_train_step(
+        task, tx, schedule, plan, accum, config.seed, ema_decay=opt.ema_decay, ema_warmup=opt.ema_warmup
+    )
+    step_fn = plan.compile_train_step(step_fn, abstract)
     eval_step = plan.compile_eval_step(lambda p, b: task.eval_metrics(p, b, axis_name=plan.axis_name))
     placed = plan.from_canonical(state)
     del state
@@ -303,7 +353,7 @@ def _train(config, workdir: str, watch: Stopwatch, preemption: _Preemption) -> d
             eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
             logger.write(step, "eval", eval_metrics)
             if hasattr(task, "final_report"):  # optional hook: full-set evaluation and plots after training
-                params = plan.to_canonical(placed).params
+                params = plan.to_canonical(placed).eval_params  # the EMA parameters when the run keeps them
                 if jax.process_count() > 1:  # every process takes part in the gather; process 0 alone reports
                     from jax.experimental import multihost_utils
 
@@ -348,7 +398,8 @@ def load_config(workdir: str):
 
 
 def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of the run in ``workdir`` with its saved config (plus ``overrides``).
+    """Evaluates the latest checkpoint of the run in ``workdir`` with its saved config (plus ``overrides``): its EMA
+    parameters when the run kept them (``config.optimizer.ema_decay > 0``), else its parameters.
 
     Returns ``{"step": int, "eval_<metric>": float, ...}``. Raises ``ValueError`` if there is no checkpoint.
     (Example: see :func:`train_and_evaluate`.)

@@ -12,6 +12,10 @@ with ``lr(t)`` rising linearly from 0 to ``lr`` over ``warmup_steps`` and then f
 (including the patch-embedding projection, as big_vision does), so biases, norm scales and embeddings (position
 embeddings, class tokens, MAP probes, ``nn.Embed`` tables, whose leaf is ``embedding``) are skipped.
 
+An exponential moving average of the parameters (``config.optimizer.ema_decay > 0``) is kept by the engine in the
+train state (:class:`mmjax.train.state.TrainState` ``ema_params``) and updated after every optimizer step inside the
+compiled step (:func:`update_ema`, :func:`ema_decay_at`); evaluation uses it.
+
 Gradient accumulation is done by the engine (a scan over micro-batches inside one step), so one optimizer step is one
 call of the train step and the schedule counts optimizer steps. bf16 compute needs no loss scaling (its exponent range
 is float32's).
@@ -183,3 +187,45 @@ def global_norm(tree: Any) -> jax.Array:
     5.0
     """
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def ema_decay_at(decay: float, step: Any, warmup: bool = False) -> Any:
+    """The EMA decay of the update that follows ``step`` completed optimizer steps (``step`` = 0 for the first).
+
+    Without ``warmup`` it is ``decay``; with it, ``min(decay, (1 + step) / (10 + step))`` (the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``: the ``k``-th update uses at most ``k / (k + 9)``, so the
+    average forgets the initial parameters quickly early in training and settles at ``decay``).
+
+    >>> ema_decay_at(0.999, 5)
+    0.999
+    >>> [round(float(ema_decay_at(0.999, jnp.int32(t), warmup=True)), 4) for t in (0, 1, 90, 100000)]
+    [0.1, 0.1818, 0.91, 0.999]
+    """
+    if not warmup:
+        return decay
+    t = jnp.asarray(step).astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema_params: Any, params: Any, decay: Any) -> Any:
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, computed as ``ema + (1 - decay) * (params - ema)``.
+
+    The two forms are equal in exact arithmetic; the second leaves a parameter that did not change (a frozen tower,
+    initialised to the same values) bit-identical to its EMA, where ``decay * p + (1 - decay) * p`` can round one unit
+    away. Each leaf is computed in at least float32 and stored in its own dtype (a bfloat16 EMA still averages in
+    float32 within a step). There is no debiasing (``optax.ema(debias=True)`` divides by ``1 - decay**t`` to undo its
+    initialisation at zero): the engine's EMA starts at the initial parameters, a weighted average from the first
+    step, whose weight ``decay**t`` on the initial parameters ``ema_decay_at(..., warmup=True)`` shrinks early on.
+
+    >>> ema = update_ema({"w": jnp.zeros(2), "frozen": jnp.full(2, 0.3)}, {"w": jnp.ones(2), "frozen": jnp.full(2, 0.3)},
+    ...                  0.9)
+    >>> [round(float(x), 6) for x in ema["w"]], bool((ema["frozen"] == jnp.float32(0.3)).all())
+    ([0.1, 0.1], True)
+    """
+
+    def one(e, p):
+        dtype = jnp.promote_types(e.dtype, jnp.float32)
+        e32 = e.astype(dtype)
+        return (e32 + (1 - decay) * (p.astype(dtype) - e32)).astype(e.dtype)
+
+    return jax.tree.map(one, ema_params, params)

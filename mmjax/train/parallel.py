@@ -221,8 +221,9 @@ class Plan:
         return jax.jit(eval_fn, out_shardings=NamedSharding(self.mesh, P()))
 
     def params_for_eval(self, placed_state: Any) -> Any:
-        """The params of a placed state, laid out as the compiled eval step wants them."""
-        return placed_state.params
+        """The params a placed state is evaluated with (its ``ema_params`` when it keeps an EMA of the parameters,
+        see :attr:`mmjax.train.state.TrainState.eval_params`), laid out as the compiled eval step wants them."""
+        return placed_state.eval_params
 
 
 def select_devices(devices_by_process: list[list], num_devices: int = 0) -> list:
