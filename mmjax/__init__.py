@@ -2,8 +2,8 @@
 
 One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention), :mod:`~mmjax.layers`
 (transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
-:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.losses`,
-:mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
+:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.diffusion`,
+:mod:`~mmjax.dit`, :mod:`~mmjax.losses`, :mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
 :mod:`~mmjax.data`, :mod:`~mmjax.train`.
 
 The names below are re-exported lazily (a submodule is imported on first use, so ``import mmjax`` stays cheap):
@@ -30,6 +30,7 @@ _EXPORTS = {
     "GCNConv": "gnn",
     "GATConv": "gnn",
     "GraphConv": "gnn",
+    "DiT": "dit",
     "MessagePassing": "gnn",
     "softmax_contrastive_loss": "losses",
     "sigmoid_contrastive_loss": "losses",
@@ -48,6 +49,8 @@ _SUBMODULES = (
     "segment",
     "gnn",
     "graph_models",
+    "diffusion",
+    "dit",
     "losses",
     "evaluate",
     "convert",

@@ -1,10 +1,11 @@
 """The training engine: one loop for every task (image and image-graph classification, contrastive image-text
-training, node classification), which joins a model, its loss, metrics and data.
+training, node classification, text-to-image diffusion), which joins a model, its loss, metrics and data.
 
 * :mod:`mmjax.train.task`: the Task interface (read its docstring first) and the task registry.
 * :mod:`mmjax.train.classification`: image classification task (any image model: ViT, a GCN over patches).
 * :mod:`mmjax.train.contrastive`: contrastive image-text task (CLIP, SigLIP, LiT).
 * :mod:`mmjax.train.node_classification`: transductive node classification task (a GCN on one graph).
+* :mod:`mmjax.train.diffusion`: text-to-image diffusion task (a DiT conditioned on a caption's text tower).
 * :mod:`mmjax.train.optimizer`: AdamW with weight-decay rules, warmup + cosine, clipping.
 * :mod:`mmjax.train.state`: the train state pytree.
 * :mod:`mmjax.train.parallel`: "single" / "pmap" / "sharded" (+ FSDP) layouts and compilation.

@@ -285,6 +285,25 @@ def read_vocab(path: str) -> WordTokenizer:
     )
 
 
+def run_word_tokenizer(workdir: str | None, texts) -> WordTokenizer:
+    """A run's word vocabulary: read from ``workdir/vocab.json`` when the run has saved one (resume, ``mmjax eval``),
+    else built from ``texts`` (a list of captions, or a function returning one, called only then) and saved there
+    (atomically, by process 0), so that a checkpoint never depends on the data it was trained from.
+
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> run_word_tokenizer(run, ["a red shirt"]).vocab_size, run_word_tokenizer(run, lambda: 1 / 0).vocab_size
+    (7, 7)
+    """
+    saved = storage.join(storage.resolve(workdir), VOCAB_FILE) if workdir is not None else None
+    if saved is not None and storage.exists(saved):
+        return read_vocab(saved)
+    tokenizer = WordTokenizer.from_texts(texts() if callable(texts) else texts)
+    if saved is not None and jax.process_index() == 0:
+        storage.write_text(saved, tokenizer.to_json() + "\n")
+    return tokenizer
+
+
 def _bpe_tokenizer(bpe_path) -> CLIPTokenizer:
     """:class:`mmjax.tokenizer.CLIPTokenizer` from ``config.model.bpe_path``: a local path or a URI (``gs://``...),
     which is copied to a local temporary directory first."""
@@ -492,19 +511,11 @@ class ContrastiveTask:
         self.model = CLIP(self.clip_config, dtype=_dtype(m.get("dtype", "float32")))
 
     def _word_tokenizer(self) -> WordTokenizer:
-        """The run's word vocabulary: read from ``workdir/vocab.json`` when the run has saved one (resume,
-        ``mmjax eval``), else built from the training captions and saved there (atomically, by process 0), so that
-        a checkpoint never depends on the data it was trained from."""
-        saved = storage.join(storage.resolve(self.workdir), VOCAB_FILE) if self.workdir is not None else None
-        if saved is not None and storage.exists(saved):
-            return read_vocab(saved)
+        """The run's word vocabulary (:func:`run_word_tokenizer`), from the training captions."""
         texts = self.vocab_texts
         if texts is None:
-            texts = self.train_source.all_captions(int(self.data_cfg.vocab_examples))
-        tokenizer = WordTokenizer.from_texts(texts)
-        if saved is not None and jax.process_index() == 0:
-            storage.write_text(saved, tokenizer.to_json() + "\n")
-        return tokenizer
+            texts = lambda: self.train_source.all_captions(int(self.data_cfg.vocab_examples))  # noqa: E731
+        return run_word_tokenizer(self.workdir, texts)
 
     def _host_batch(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "caption"}

@@ -1,11 +1,11 @@
 """The Task interface: what a task supplies so that one engine trains every kind of model.
 
 The engine (:mod:`mmjax.train.loop`) owns the optimizer, the parallel mode, the step loop, checkpoints and
-metrics. A *task* joins a model, a loss, metrics and data. Three are built in (:data:`TASKS`): image (and
+metrics. A *task* joins a model, a loss, metrics and data. Four are built in (:data:`TASKS`): image (and
 image-graph) classification (:class:`mmjax.train.classification.ClassificationTask`), contrastive image-text
-training - CLIP, SigLIP, LiT (:class:`mmjax.train.contrastive.ContrastiveTask`) - and transductive node
-classification (:class:`mmjax.train.node_classification.NodeClassificationTask`); each plugs into the same engine,
-which knows none of them.
+training - CLIP, SigLIP, LiT (:class:`mmjax.train.contrastive.ContrastiveTask`) -, transductive node
+classification (:class:`mmjax.train.node_classification.NodeClassificationTask`) and text-to-image diffusion
+(:class:`mmjax.train.diffusion.DiffusionTask`); each plugs into the same engine, which knows none of them.
 
 Contract
 --------
@@ -119,6 +119,7 @@ TASKS: dict[str, str] = {
     "classification": "mmjax.train.classification:ClassificationTask",
     "contrastive": "mmjax.train.contrastive:ContrastiveTask",
     "node_classification": "mmjax.train.node_classification:NodeClassificationTask",
+    "diffusion": "mmjax.train.diffusion:DiffusionTask",
 }
 
 
