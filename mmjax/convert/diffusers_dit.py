@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.convert.io import check_state_dict, to_numpy_state_dict
+from mmjax.convert.io import attention_from_torch, check_state_dict, dense_from_torch, f32, to_numpy_state_dict
 from mmjax.dit import DiT
 from mmjax.errors import UserError
 
@@ -175,12 +175,7 @@ def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _f32(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _dense(sd, name):
-    return {"kernel": _f32(sd[name + ".weight"]).T, "bias": _f32(sd[name + ".bias"])}
+_f32, _dense = f32, dense_from_torch
 
 
 def _check_shared_embedder(sd: Mapping[str, np.ndarray], depth: int) -> None:
@@ -195,21 +190,6 @@ def _check_shared_embedder(sd: Mapping[str, np.ndarray], depth: int) -> None:
                     "label embedder shared by all blocks (as DiT, and as the checkpoints converted from it, which "
                     "repeat the same weights in every block), so per-block embedders cannot be converted."
                 )
-
-
-def _attention(sd, pre, width, heads):
-    hd = width // heads
-    attn = {}
-    for ours, theirs in (("query", "to_q"), ("key", "to_k"), ("value", "to_v")):
-        w = _f32(sd[pre + f"{theirs}.weight"])
-        b = sd.get(pre + f"{theirs}.bias")
-        attn[ours] = {
-            "kernel": w.T.reshape(width, heads, hd),
-            "bias": np.zeros((heads, hd), np.float32) if b is None else _f32(b).reshape(heads, hd),
-        }
-    w_out = _f32(sd[pre + "to_out.0.weight"])
-    attn["out"] = {"kernel": w_out.T.reshape(heads, hd, width), "bias": _f32(sd[pre + "to_out.0.bias"])}
-    return attn
 
 
 def from_diffusers_state_dict(
@@ -268,7 +248,7 @@ def from_diffusers_state_dict(
         pre = f"transformer_blocks.{i}."
         params[f"block_{i}"] = {
             "modulation": _dense(sd, pre + "norm1.linear"),
-            "attn": _attention(sd, pre + "attn1.", width, heads),
+            "attn": attention_from_torch(sd, pre + "attn1.", ("to_q", "to_k", "to_v", "to_out.0"), width, heads),
             "mlp": {"fc1": _dense(sd, pre + "ff.net.0.proj"), "fc2": _dense(sd, pre + "ff.net.2")},
         }
     params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)

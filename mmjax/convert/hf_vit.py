@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.convert.io import check_state_dict
+from mmjax.convert.io import attention_from_torch, check_state_dict, dense_from_torch, f32
 from mmjax.errors import UserError
 from mmjax.layers import stack_layers
 from mmjax.vit import ViT
@@ -224,12 +224,7 @@ def expected_shapes(config: Mapping[str, Any], *, num_classes: int, pooler: bool
     return shapes
 
 
-def _f32(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _dense(sd, name):
-    return {"kernel": _f32(sd[name + ".weight"]).T, "bias": _f32(sd[name + ".bias"])}
+_f32, _dense = f32, dense_from_torch
 
 
 def _layer_norm(sd, name):
@@ -237,18 +232,8 @@ def _layer_norm(sd, name):
 
 
 def _block(sd, i, width, heads):
-    hd = width // heads
     pre = f"layers.{i}."
-    attn = {}
-    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        w = _f32(sd[pre + f"attention.{theirs}.weight"])
-        b = sd.get(pre + f"attention.{theirs}.bias")
-        attn[ours] = {
-            "kernel": w.T.reshape(width, heads, hd),
-            "bias": np.zeros((heads, hd), np.float32) if b is None else _f32(b).reshape(heads, hd),
-        }
-    w_out = _f32(sd[pre + "attention.o_proj.weight"])
-    attn["out"] = {"kernel": w_out.T.reshape(heads, hd, width), "bias": _f32(sd[pre + "attention.o_proj.bias"])}
+    attn = attention_from_torch(sd, pre + "attention.", ("q_proj", "k_proj", "v_proj", "o_proj"), width, heads)
     return {
         "ln1": _layer_norm(sd, pre + "layernorm_before"),
         "attn": attn,

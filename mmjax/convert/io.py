@@ -23,6 +23,9 @@ __all__ = [
     "to_numpy_state_dict",
     "check_state_dict",
     "save_hf_dir",
+    "f32",
+    "dense_from_torch",
+    "attention_from_torch",
 ]
 
 _SAFETENSORS = "model.safetensors"
@@ -236,3 +239,48 @@ def save_hf_dir(directory: str | os.PathLike, state_dict: Mapping[str, Any], con
     save_file(tensors, os.path.join(directory, _SAFETENSORS), metadata={"format": "pt"})
     with open(os.path.join(directory, _CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=str)
+
+
+def f32(x: Any) -> np.ndarray:
+    """``x`` (a NumPy array, or anything ``np.asarray`` takes) as float32.
+
+    >>> f32([1, 2]).dtype
+    dtype('float32')
+    """
+    return np.asarray(x, dtype=np.float32)
+
+
+def dense_from_torch(sd: Mapping[str, Any], name: str) -> dict[str, np.ndarray]:
+    """A flax ``Dense`` from the PyTorch ``nn.Linear`` ``name`` (``weight [out, in]`` -> ``kernel [in, out]``).
+
+    >>> dense_from_torch({"fc.weight": np.ones((3, 2)), "fc.bias": np.zeros(3)}, "fc")["kernel"].shape
+    (2, 3)
+    """
+    return {"kernel": f32(sd[name + ".weight"]).T, "bias": f32(sd[name + ".bias"])}
+
+
+def attention_from_torch(
+    sd: Mapping[str, Any], prefix: str, names: tuple[str, str, str, str], width: int, heads: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """:class:`mmjax.attention.MultiHeadAttention` params from four PyTorch ``nn.Linear`` s ``prefix + name``.
+
+    ``names`` are the query, key, value and output projections (e.g. ``("q_proj", "k_proj", "v_proj", "o_proj")``);
+    ``weight [width, width]`` becomes ``kernel [width, heads, head_dim]`` (``[heads, head_dim, width]`` for the
+    output); a missing query/key/value bias becomes zeros.
+
+    >>> sd = {f"a.{n}.weight": np.eye(4) for n in "qkvo"} | {"a.o.bias": np.zeros(4)}
+    >>> p = attention_from_torch(sd, "a.", ("q", "k", "v", "o"), width=4, heads=2)
+    >>> p["query"]["kernel"].shape, p["query"]["bias"].shape, p["out"]["kernel"].shape
+    ((4, 2, 2), (2, 2), (2, 2, 4))
+    """
+    hd = width // heads
+    attn = {}
+    for ours, theirs in zip(("query", "key", "value"), names[:3]):
+        b = sd.get(prefix + f"{theirs}.bias")
+        attn[ours] = {
+            "kernel": f32(sd[prefix + f"{theirs}.weight"]).T.reshape(width, heads, hd),
+            "bias": np.zeros((heads, hd), np.float32) if b is None else f32(b).reshape(heads, hd),
+        }
+    w_out = f32(sd[prefix + f"{names[3]}.weight"])
+    attn["out"] = {"kernel": w_out.T.reshape(heads, hd, width), "bias": f32(sd[prefix + f"{names[3]}.bias"])}
+    return attn
