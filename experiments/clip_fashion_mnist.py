@@ -54,6 +54,10 @@ What each choice bought (``eval_item_accuracy`` / ``eval_heldout_combo_accuracy`
   plus 1-pixel crops (0.827 / 0.7305), whole-image flips with "left" and "right" swapped in the caption
   (0.8315 / 0.745). Each row is one run of seed 0 (a rerun gives the same numbers); settings that should matter
   little (2250 or 2550 steps) moved item accuracy by up to 0.007, so differences of that size are noise.
+* tried for the 0.85 mean on the AMD EPYC machine (2026-12-02, accuracy is the same under load): 2750 steps, seed 0:
+  0.8505 / 0.798 (2250 steps: 0.8545 / 0.7965); a wider last stem conv, ``--config.model.vision_stem_features=(32,
+  64,128,192)``, seeds 0, 1, 2: 0.8465 / 0.854 / 0.847 (mean 0.8492; held-out 0.7965 / 0.798 / 0.784), +0.002 over
+  this config's mean, not enough to adopt.
 
 Zero-shot prompts are in the caption grammar and ensembled over the other attributes
 (:data:`mmjax.data.captions.ZERO_SHOT_TEMPLATES`: the class "sneaker" averages the 80 prompts "a small red sneaker in
