@@ -41,7 +41,7 @@ from mmjax.data import image_text
 from mmjax.dit import DiT
 from mmjax.errors import ConfigError, UserError
 from mmjax.text import TextTransformer
-from mmjax.train.contrastive import run_word_tokenizer
+from mmjax.train.contrastive import _section, run_word_tokenizer
 
 CONDITIONING = ("pooled", "tokens", "both")
 
@@ -107,13 +107,6 @@ class TextToImage(nn.Module):
         if self.conditioning in ("tokens", "both"):
             kw.update(text_tokens=aux["tokens"], text_mask=mask)
         return self.dit(x_t, t, drop=drop, deterministic=deterministic, **kw)
-
-
-def _section(config, name: str, defaults: dict) -> ml_collections.ConfigDict:
-    merged = ml_collections.ConfigDict(dict(defaults))
-    if name in config:
-        merged.update(config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name]))
-    return merged
 
 
 class DiffusionTask:
