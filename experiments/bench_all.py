@@ -4,10 +4,10 @@ Command (``make bench`` runs it; about 40 minutes on the 2-core CPU, on an idle 
 
     .venv/bin/python experiments/bench_all.py
 
-``--only vit,clip`` runs a subset (``vit``, ``clip``, ``gnn``, ``attention``); ``--out DIR`` writes elsewhere. Each
-benchmark runs its sides each in a process of its own, interleaved (``experiments/benchmarking.py``). The summary
-holds one ratio per workload, the reference's median time / mmjax's (above 1: mmjax is faster), with the machine
-and whether other processes loaded it during that workload; the plot draws the ratios with 1.0 marked, loaded
+``--only vit,clip`` runs a subset (``vit``, ``clip``, ``gnn``, ``attention``, ``diffusion``); ``--out DIR`` writes
+elsewhere. Each benchmark runs its sides each in a process of its own, interleaved (``experiments/benchmarking.py``).
+The summary holds one ratio per workload, the reference's median time / mmjax's (above 1: mmjax is faster), with the
+machine and whether other processes loaded it during that workload; the plot draws the ratios with 1.0 marked, loaded
 workloads hatched.
 """
 
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmarking  # noqa: E402
 
-BENCHMARKS = ("vit", "clip", "gnn", "attention")
+BENCHMARKS = ("vit", "clip", "gnn", "attention", "diffusion")
 ATTENTION_LENGTHS = "2048,4096,8192"
 
 
@@ -79,6 +79,16 @@ def _attention(rounds: int):
     return rows, saved
 
 
+def _diffusion(rounds: int):
+    import bench_diffusion
+
+    res = bench_diffusion.main(["--rounds", str(rounds)])
+    steps = res["sizes"]["sample_steps"]
+    names = {"train": "DiT train step (small)", "sample": f"DiT DDIM sampling, {steps} steps (small)"}
+    rows = [_row(names[w], "PyTorch (diffusers)", r, "mmjax", "torch") for w, r in res["workloads"].items()]
+    return rows, res
+
+
 def _record_row(workload: str, reference: str, ours_s, reference_s, load: dict) -> dict:
     ratio = reference_s / ours_s if ours_s and reference_s else None
     return {
@@ -134,7 +144,7 @@ def main(argv=None) -> dict:
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"--only must name benchmarks from {BENCHMARKS}, got {name!r}")
-    runners = {"vit": _vit, "clip": _clip, "gnn": _gnn, "attention": _attention}
+    runners = {"vit": _vit, "clip": _clip, "gnn": _gnn, "attention": _attention, "diffusion": _diffusion}
     info = benchmarking.machine()
     rows, details = [], {}
     for name in names:

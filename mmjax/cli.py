@@ -1,4 +1,5 @@
-"""The ``mmjax`` command line: ``mmjax train``, ``eval``, ``convert`` and ``bench`` (subcommands live in :data:`COMMANDS`).
+"""The ``mmjax`` command line: ``mmjax train``, ``eval``, ``generate``, ``convert`` and ``bench`` (subcommands live in
+:data:`COMMANDS`).
 
 ``mmjax train --config experiments/fashion_mnist_vit.py --workdir /tmp/fm --config.batch_size=256``
 
@@ -238,6 +239,78 @@ def _run_eval(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- generate
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a diffusion training run's directory")
+    p.add_argument(
+        "--prompt", required=True, action="append", metavar="TEXT", help="a caption to draw (repeat for several)"
+    )
+    p.add_argument("--num", type=int, default=16, metavar="N", help="samples per prompt (default 16)")
+    p.add_argument("--out", required=True, metavar="PNG", help="the grid: one row per prompt, N samples each")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm_solver++ (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, metavar="K", help="sampling steps (default: the run's)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance scale (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler option of mmjax.diffusion.sample, named as diffusers names it (eta=0.5, "
+        "timestep_spacing=trailing, ...); repeat for several",
+    )
+    p.add_argument("--npy", default=None, metavar="FILE", help="also save the images, uint8 [P * N, S, S, 3]")
+    p.epilog = (
+        "Samples the latest checkpoint of the run (its EMA parameters when it kept them) with classifier-free "
+        "guidance, the conditional and null-condition halves in one batch."
+    )
+
+
+def _parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option eta=0.5")
+        out[key] = parse_override_value(value)
+    return out
+
+
+def _run_generate(args) -> int:
+    import jax
+
+    from mmjax.train import restore_run
+    from mmjax.train.diffusion import sample_grid
+
+    if args.overrides:
+        key = args.overrides[0][0]
+        raise UserError(f"--config.{key}: mmjax generate takes no config overrides (it samples the run as trained)")
+    if args.num < 1:
+        raise UserError(f"--num={args.num} is not valid; expected an int >= 1 (samples per prompt)")
+    options = _parse_options(args.option)
+    config, task, params, step = restore_run(args.workdir)
+    if not hasattr(task, "generate"):
+        raise UserError(
+            f"--workdir {args.workdir!r} is a {config.task!r} run; mmjax generate samples a 'diffusion' run"
+        )
+    captions = [p for p in args.prompt for _ in range(args.num)]
+    kw = dict(guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler, **options)
+    images = task.generate_many(params, captions, jax.random.key(args.seed), chunk=min(len(captions), 128), **kw)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    sample_grid(images, args.prompt, args.num, args.out)
+    if args.npy:
+        import numpy as np
+
+        np.save(args.npy, images)
+    o = task.opts
+    print(
+        f"wrote {args.out}: {len(args.prompt)} prompt(s) x {args.num} samples of step {step} of {args.workdir} "
+        f"({args.sampler or o.sampler}, {args.steps or o.num_sampling_steps} steps, guidance "
+        f"{o.guidance_scale if args.guidance is None else args.guidance})"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- convert
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -286,7 +359,7 @@ def _run_convert(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ bench
-BENCHMARKS = ("attention", "vit", "gnn", "clip", "all")
+BENCHMARKS = ("attention", "vit", "gnn", "clip", "diffusion", "all")
 
 
 def _experiments_dir() -> str:
@@ -331,6 +404,7 @@ def _run_bench(args) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a config (resumes from the workdir's latest checkpoint)", _add_train_args, _run_train),
     "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
+    "generate": ("draw images for prompts with a diffusion run", _add_generate_args, _run_generate),
     "convert": ("convert CLIP weights between Hugging Face and mmjax layouts", _add_convert_args, _run_convert),
     "bench": (
         "run a benchmark of mmjax against its reference (experiments/bench_NAME.py)",

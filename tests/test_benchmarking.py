@@ -129,6 +129,24 @@ def test_every_benchmarks_sides_run_at_a_tiny_size(benchmarking):
         assert out["peak_mib"] >= 0 and 1 <= len(out["wall_s"]) <= 5
 
 
+def test_diffusion_benchmark_sides_run_at_a_tiny_size(benchmarking):
+    import bench_diffusion
+
+    cfg = bench_diffusion.CONFIGS["tiny"]
+    checksums = {}
+    for workload in bench_diffusion.WORKLOADS:
+        for side in ("mmjax", "torch"):
+            out = bench_diffusion.SIDES[side](cfg=cfg, workload=workload, steps=1, warmup=0)
+            _check_timed(out)
+            assert out["params"] > 0
+            if workload == "sample":
+                checksums[side] = out["checksum"]
+    # same sizes, weights, noise, labels and DDIM schedule: the same samples on both sides
+    np.testing.assert_allclose(checksums["mmjax"], checksums["torch"], rtol=1e-4)
+    with pytest.raises(ValueError, match="workload must be one of"):
+        bench_diffusion.SIDES["mmjax"](cfg=cfg, workload="nope", steps=1, warmup=0)
+
+
 def test_summary_plot_and_bad_benchmark_names(benchmarking, tmp_path):
     import bench_all
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmjax.data import captions as C
-from mmjax.data.fashion_mnist import write_idx
+from mmjax.data.fashion_mnist import load_fashion_mnist, write_idx
 
 
 def _solid_items(labels):
@@ -199,3 +199,43 @@ def test_measure_attributes_tells_each_palette_colour_and_place_apart():
 def test_measure_attributes_refuses_bad_images(images, match):
     with pytest.raises(ValueError, match=match):
         C.measure_attributes(images)
+
+
+# ------------------------------------------------------------------------------------------------- layout="full"
+
+
+def test_full_layout_has_the_canvas_layouts_items_and_colours_filling_the_canvas(idx_dir):
+    canvas = C.make_captions("train", 40, seed=3, data_dir=idx_dir, image_size=28)
+    full = C.make_captions("train", 40, seed=3, data_dir=idx_dir, image_size=28, layout="full")
+    for field in ("item", "colour", "source_index"):
+        np.testing.assert_array_equal(getattr(full, field), getattr(canvas, field))
+    assert full.size.tolist() == [-1] * 40 and full.position.tolist() == [-1] * 40
+    assert full.captions == [f"a {C.COLOUR_NAMES[c]} {C.ITEM_NAMES[i]}" for c, i in zip(full.colour, full.item)]
+    # at 28 px the item is not resized, and every palette colour has a 255 channel: max(R, G, B) is the item itself
+    source = load_fashion_mnist("train", idx_dir)[0]
+    np.testing.assert_array_equal(full.images.max(axis=-1), np.asarray(source)[full.source_index])
+    # each channel is the item scaled by the colour: round(v / 255 * rgb)
+    rgb = C.COLOUR_RGB[full.colour][:, None, None, :]
+    expected = np.rint(np.asarray(source)[full.source_index][..., None].astype(np.float32) * (rgb / 255.0))
+    np.testing.assert_array_equal(full.images, expected.astype(np.uint8))
+
+
+def test_full_layout_resizes_and_its_colour_reads_back():
+    items = np.zeros((8, 28, 28), np.uint8)
+    items[:, 4:24, 6:22] = 255  # a solid block on black
+    images = C.render_full(items, np.arange(8), image_size=48)
+    assert images.shape == (8, 48, 48, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[np.arange(8), 24, 24], C.COLOUR_RGB)  # the block's centre, exact colour
+    assert images[:, 0, 0].max() == 0  # the black background stays black
+    np.testing.assert_array_equal(C.measure_attributes(images)["colour"], np.arange(8))
+
+
+def test_full_layout_bad_arguments_raise(idx_dir):
+    with pytest.raises(ValueError, match="layout='tiles'"):
+        C.make_captions("train", 2, data_dir=idx_dir, layout="tiles")
+    with pytest.raises(ValueError, match=r"colour indices must lie in \[0, 8\)"):
+        C.render_full(_solid_items([0]), [8])
+    with pytest.raises(ValueError, match="int colour"):
+        C.render_full(_solid_items([0]), [0.5])
+    with pytest.raises(ValueError, match="image_size"):
+        C.render_full(_solid_items([0]), [0], image_size=4)

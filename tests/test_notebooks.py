@@ -23,7 +23,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ("01_attention", "02_vit", "03_graphs", "04_clip", "05_numerical_reference")
+NOTEBOOKS = ("01_attention", "02_vit", "03_graphs", "04_clip", "05_numerical_reference", "07_diffusion")
 CELL_TIMEOUT_S = 300  # per cell; a quick notebook takes well under a minute on an idle 2-core machine
 
 
@@ -91,6 +91,19 @@ def check_04_clip(s):
 def check_05_numerical_reference(s):
     assert s["max_rel_error_float32"] < 1e-4, s
     assert s["max_rel_error_float64"] < 1e-12, s
+
+
+def check_07_diffusion(s):
+    assert s["steps"] == s["num_steps"] > 0, f"the run stopped before its configured steps: {s}"
+    assert s["final_loss"] < 0.9 * s["first_train_loss"], f"diffusion loss did not go down: {s}"
+    assert s["eval_loss"] < s["first_train_loss"], s
+    # empirical mean and std of q_sample over the noise draws: within a few standard errors of the closed form
+    assert s["q_sample_mean_error"] < 6 * s["q_sample_mean_se"], s
+    assert s["q_sample_std_error"] < 6 * s["q_sample_std_se"], s
+    # the notebook's hand-written DDIM loop and guidance at scale 1 against mmjax.diffusion.sample (float32)
+    assert s["manual_ddim_vs_sample"] < 1e-4 * max(1.0, s["sample_scale"]), s
+    assert s["guidance1_vs_conditional"] < 1e-4 * max(1.0, s["guidance_sample_scale"]), s
+    assert sorted(s["colour_match"]) == ["0", "1", "3", "6"], s
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in NOTEBOOKS}

@@ -44,11 +44,14 @@ __all__ = [
     "ATTRIBUTES",
     "HELDOUT_COMBOS",
     "CAPTION_TEMPLATE",
+    "FULL_CAPTION_TEMPLATE",
+    "LAYOUTS",
     "ZERO_SHOT_TEMPLATES",
     "CaptionedImages",
     "caption",
     "make_captions",
     "render",
+    "render_full",
     "item_boxes",
     "measure_attributes",
     "combo_names",
@@ -89,6 +92,8 @@ HELDOUT_COMBOS = (
 )
 
 CAPTION_TEMPLATE = "a {size} {colour} {item} in the {position}"
+FULL_CAPTION_TEMPLATE = "a {colour} {item}"  # layout="full": the item fills the canvas; no size, no position
+LAYOUTS = ("canvas", "full")
 
 
 def _caption_templates(attribute: str) -> tuple[str, ...]:
@@ -258,6 +263,34 @@ def render(items, colour, size, position, image_size: int = 64) -> np.ndarray:
     return canvas
 
 
+def render_full(items, colour, image_size: int = 28) -> np.ndarray:
+    """Items resized (triangle filter) to fill an ``image_size`` canvas and tinted: ``round(v / 255 * rgb)``.
+
+    The ``layout="full"`` rendering of :func:`make_captions`; ``items uint8 [N, h, w]``, ``colour int [N]``;
+    returns ``uint8 [N, image_size, image_size, 3]``.
+
+    >>> render_full(np.full((1, 28, 28), 255, np.uint8), [5])[0, 0, 0].tolist()  # magenta
+    [255, 0, 255]
+    """
+    items = np.asarray(items)
+    if items.ndim == 4 and items.shape[-1] == 1:
+        items = items[..., 0]
+    colour = np.asarray(colour)
+    if items.ndim != 3 or colour.shape != (items.shape[0],) or not np.issubdtype(colour.dtype, np.integer):
+        raise UserError(
+            f"render_full needs grey items [N, h, w] and int colour [N], got {items.shape} and {colour.dtype} "
+            f"{colour.shape}."
+        )
+    if items.shape[0] and (colour.min() < 0 or colour.max() >= len(COLOUR_NAMES)):
+        raise UserError(f"colour indices must lie in [0, {len(COLOUR_NAMES)}), got [{colour.min()}, {colour.max()}].")
+    if int(image_size) < 8:
+        raise UserError(f"image_size must be at least 8 pixels, got {image_size}.")
+    rh, rw = _resize_matrix(items.shape[1], int(image_size)), _resize_matrix(items.shape[2], int(image_size))
+    grey = np.clip(np.rint(np.matmul(np.matmul(rh, items.astype(np.float32)), rw.T)), 0, 255).astype(np.uint8)
+    tint = np.rint(np.arange(256, dtype=np.float32)[None, :, None] * (COLOUR_RGB[:, None, :] / 255.0))
+    return tint.astype(np.uint8)[colour[:, None, None], grey]
+
+
 def measure_attributes(images, threshold: float = 0.25) -> dict[str, np.ndarray]:
     """Reads colour, size and position back from canvases: the inverse of :func:`render`, for generated images.
 
@@ -341,6 +374,7 @@ def make_captions(
     heldout=HELDOUT_COMBOS,
     data_dir: str | None = None,
     source=None,
+    layout: str = "canvas",
 ) -> CaptionedImages:
     """Generates one split of Fashion-MNIST captions, deterministically from ``seed``.
 
@@ -356,21 +390,29 @@ def make_captions(
       data_dir: Fashion-MNIST IDX directory (default: the Debian package's, see
         :mod:`mmjax.data.fashion_mnist`).
       source: optional ``(images uint8 [M, 28, 28], labels int [M])`` used instead of reading files.
+      layout: ``"canvas"`` (items of 2 sizes at 5 positions, :data:`CAPTION_TEMPLATE`) or ``"full"`` (the item
+        resized to fill the whole canvas, captioned :data:`FULL_CAPTION_TEMPLATE` "a red sneaker"; ``size`` and
+        ``position`` are ``-1``). Items and colours are the same in both layouts for the same seed.
 
     Returns:
       :class:`CaptionedImages`.
 
     Raises:
-      ValueError: for an unknown split, bad ``heldout`` names, a negative ``num_examples``, or when the split
-        has no usable source image.
+      ValueError: for an unknown split or layout, bad ``heldout`` names, a negative ``num_examples``, or when the
+        split has no usable source image.
 
     >>> src = (np.full((2, 28, 28), 255, np.uint8), np.array([7, 0]))
     >>> held = make_captions("heldout", 2, seed=0, source=src)  # only sneakers have a held-out colour: red
     >>> held.captions[0].split()[2:4], held.images.shape
     (['red', 'sneaker'], (2, 64, 64, 3))
+    >>> full = make_captions("heldout", 2, seed=0, source=src, image_size=28, layout="full")
+    >>> full.captions[0], full.size.tolist(), full.images[0, :, :, 0].min()  # the white item fills the canvas
+    ('a red sneaker', [-1, -1], np.uint8(255))
     """
     if split not in SPLITS:
         raise UserError(f"split={split!r} is not valid; choose one of {sorted(SPLITS)}.")
+    if layout not in LAYOUTS:
+        raise UserError(f"layout={layout!r} is not valid; choose one of {LAYOUTS}.")
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 0):
         raise UserError(f"num_examples must be a non-negative int or None, got {num_examples!r}.")
     combos = _check_combos(heldout)
@@ -400,7 +442,14 @@ def make_captions(
     size = rng.integers(0, len(SIZE_NAMES), n)
     position = rng.integers(0, len(POSITION_NAMES), n)
 
-    out = render(images[index], colour, size, position, image_size)
-    captions = [caption(*a) for a in zip(item.tolist(), colour.tolist(), size.tolist(), position.tolist())]
+    if layout == "full":
+        out = render_full(images[index], colour, image_size)
+        captions = [
+            FULL_CAPTION_TEMPLATE.format(colour=COLOUR_NAMES[c], item=ITEM_NAMES[i]) for i, c in zip(item, colour)
+        ]
+        size, position = np.full(n, -1), np.full(n, -1)
+    else:
+        out = render(images[index], colour, size, position, image_size)
+        captions = [caption(*a) for a in zip(item.tolist(), colour.tolist(), size.tolist(), position.tolist())]
     as32 = lambda a: np.asarray(a, np.int32)  # noqa: E731
     return CaptionedImages(out, captions, as32(item), as32(colour), as32(size), as32(position), as32(index))

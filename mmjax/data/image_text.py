@@ -569,6 +569,7 @@ def fashion_mnist_captions(
     image_size: int = 64,
     data_dir: str | None = None,
     source=None,
+    layout: str = "canvas",
 ) -> ArrayImageText:
     """A split of :func:`mmjax.data.captions.make_captions` as a source with the attribute labels as extras.
 
@@ -580,7 +581,9 @@ def fashion_mnist_captions(
     """
     from mmjax.data.captions import make_captions
 
-    data = make_captions(split, num_examples, seed, image_size=image_size, data_dir=data_dir or None, source=source)
+    data = make_captions(
+        split, num_examples, seed, image_size=image_size, data_dir=data_dir or None, source=source, layout=layout
+    )
     return ArrayImageText(
         data.images, data.captions, item=data.item, colour=data.colour, size=data.size, position=data.position
     )

@@ -9,6 +9,9 @@ One concept per submodule, every public name re-exported here (``mmjax.evaluate.
   canvas: no pyplot, no global backend change).
 * :mod:`~mmjax.evaluate.detection`: :func:`coco_ap`, COCO box average precision exactly as pycocotools' ``COCOeval``.
 * :mod:`~mmjax.evaluate.generation`: :func:`frechet_distance` (FID on any feature extractor).
+* :mod:`~mmjax.evaluate.judge`: :func:`train_judge`, a small CNN trained on real labelled images that judges what a
+  generator drew (:class:`Judge` ``predict``) and gives the features of its Frechet distance; the one submodule that
+  trains a model (in JAX).
 
 >>> from mmjax import evaluate
 >>> evaluate.topk_accuracy([[0.1, 0.9], [0.8, 0.2]], [1, 1])
@@ -28,8 +31,11 @@ from mmjax.evaluate.embeddings import (
     zero_shot_classifier,
 )
 from mmjax.evaluate.generation import frechet_distance
+from mmjax.evaluate.judge import Judge, JudgeCNN, train_judge
 
 __all__ = [
+    "Judge",
+    "JudgeCNN",
     "coco_ap",
     "confusion_matrix",
     "frechet_distance",
@@ -39,6 +45,7 @@ __all__ = [
     "plot_retrieval_grid",
     "retrieval_recall",
     "topk_accuracy",
+    "train_judge",
     "zero_shot_accuracy",
     "zero_shot_classifier",
 ]

@@ -13,12 +13,13 @@ training, node classification, text-to-image diffusion), which joins a model, it
 * :mod:`mmjax.train.metrics`: JSON lines, TensorBoard, progress bar, curve plot.
 * :mod:`mmjax.train.config`: the engine's defaults (each task declares its own), merging and strict validation.
 * :mod:`mmjax.train.sweep`: seed sweeps (``--config.seed=0,1,2``), the mean and min-max of each final metric.
-* :mod:`mmjax.train.loop`: ``train_and_evaluate(config, workdir)`` and ``evaluate(workdir)``.
+* :mod:`mmjax.train.loop`: ``train_and_evaluate(config, workdir)``, ``evaluate(workdir)`` and
+  ``restore_run(workdir)`` (the task and parameters of a run's latest checkpoint).
 """
 
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import default_config, prepare_config, validate_config
-from mmjax.train.loop import evaluate, make_train_step, train_and_evaluate
+from mmjax.train.loop import evaluate, make_train_step, restore_run, train_and_evaluate
 from mmjax.train.optimizer import DEFAULT_DECAY_RULES, decay_multipliers, make_optimizer, make_schedule
 from mmjax.train.parallel import MODES, Plan, make_plan
 from mmjax.train.state import TrainState
@@ -41,6 +42,7 @@ __all__ = [
     "make_task",
     "make_train_step",
     "prepare_config",
+    "restore_run",
     "train_and_evaluate",
     "validate_config",
 ]

@@ -106,6 +106,7 @@ def default_config(task: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between train-metric records
     c.eval_every = 0  # steps between evaluations (0 = only at the end)
     c.checkpoint_every = 500  # steps between checkpoints (0 = only at the end / on SIGTERM)
+    c.image_every = 0  # steps between sample images of tasks that draw them (task.sample_images; 0 = never)
     c.keep_checkpoints = 3
     c.progress = True  # tqdm bar
     c.tensorboard = True
@@ -192,7 +193,7 @@ def check_known_keys(config, defaults, model_keys=None, section: str = "config")
     >>> check_known_keys({"batchsize": 3}, default_config())
     Traceback (most recent call last):
     ...
-    mmjax.errors.ConfigError: config.batchsize is not a known setting of the config's top level; did you mean batch_size or eval_batch_size? (valid keys: batch_size, checkpoint_every, eval_batch_size, eval_every, keep_checkpoints, log_every, num_epochs, num_steps, optimizer, parallel, plot, progress, seed, task, tensorboard; optional sections: distributed)
+    mmjax.errors.ConfigError: config.batchsize is not a known setting of the config's top level; did you mean batch_size or eval_batch_size? (valid keys: batch_size, checkpoint_every, eval_batch_size, eval_every, image_every, keep_checkpoints, log_every, num_epochs, num_steps, optimizer, parallel, plot, progress, seed, task, tensorboard; optional sections: distributed)
     """
     top = section == "config"
     optional = OPTIONAL_SECTIONS if top else {}
@@ -313,6 +314,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         )
     _check(is_int(c.log_every) and c.log_every >= 1, "log_every", c.log_every, "an int >= 1")
     _check(is_int(c.eval_every) and c.eval_every >= 0, "eval_every", c.eval_every, "an int >= 0 (0 = at the end)")
+    _check(is_int(c.image_every) and c.image_every >= 0, "image_every", c.image_every, "an int >= 0 (0 = never)")
     _check(
         is_int(c.checkpoint_every) and c.checkpoint_every >= 0,
         "checkpoint_every",

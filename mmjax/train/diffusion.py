@@ -13,14 +13,21 @@ min-SNR-gamma weights). Evaluation (:meth:`DiffusionTask.eval_metrics`) is the s
 per evaluation example (drawn once from ``config.seed``), so it is deterministic and equal across parallel modes.
 
 :meth:`DiffusionTask.final_report` samples images for the captions of the test split and of the held-out
-(colour, item) combinations with :func:`mmjax.diffusion.sample` and classifier-free guidance, reads the colour,
-size and position of each generated item back from its pixels (:func:`mmjax.data.captions.measure_attributes`) and
-reports the fraction that match the prompt, with a PNG grid of samples per prompt.
+(colour, item) combinations with :func:`mmjax.diffusion.sample` and classifier-free guidance, judges their item with
+a classifier trained on the real training images (:mod:`mmjax.evaluate.judge`, its own accuracy beside), reads
+their colour (and, on the ``"canvas"`` layout, size and position) back from the pixels
+(:func:`mmjax.data.captions.measure_attributes`), computes the Frechet distance to the real images on the judge's
+features with the real-train vs real-test floor, and saves PNG grids of samples per prompt. With
+``config.image_every`` the engine saves such a grid (:meth:`DiffusionTask.sample_images`) as training goes.
+
+The text tower is trained jointly by default; ``config.model.text_encoder_from=DIR`` loads the text tower, tokenizer
+and context length of the CLIP run in ``DIR`` (e.g. ``runs/demo`` of ``make demo``) and keeps it frozen (the
+``text_*`` keys are then unused).
 
 Config (:meth:`DiffusionTask.default_config`): ``model`` (the :class:`mmjax.dit.DiT` fields, ``conditioning``, the
 text tower's ``text_width``, ``text_depth``, ``text_heads``, ``text_mlp_dim``, ``context_length``, ``dtype``), ``data``
-(the Fashion-MNIST captions: ``data_dir``, ``image_size``, ``num_train``, ``num_test``, ``num_heldout``, ``data_seed``)
-and ``diffusion`` (schedule, loss and sampling options).
+(the Fashion-MNIST captions: ``data_dir``, ``image_size``, ``layout``, ``num_train``, ``num_test``, ``num_heldout``,
+``data_seed``) and ``diffusion`` (schedule, loss, sampling and report options).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ _TEXT_KEYS = dict(text_width=128, text_depth=1, text_heads=4, text_mlp_dim=256, 
 _MODEL_DEFAULTS = dict(
     name="dit",
     conditioning="pooled",
+    text_encoder_from="",  # a CLIP (contrastive) run's workdir: its text tower and tokenizer, frozen
     dtype="float32",
     variant=None,
     width=128,
@@ -58,9 +66,16 @@ _MODEL_DEFAULTS = dict(
     class_dropout_prob=0.1,
     **_TEXT_KEYS,
 )
-_MODEL_KEYS = ("name", "conditioning", "dtype", *_TEXT_KEYS)
+_MODEL_KEYS = ("name", "conditioning", "dtype", "text_encoder_from", *_TEXT_KEYS)
 _DATA_DEFAULTS = dict(
-    name="fashion_mnist_captions", data_dir="", image_size=32, num_train=0, num_test=500, num_heldout=500, data_seed=0
+    name="fashion_mnist_captions",
+    data_dir="",
+    image_size=32,
+    layout="canvas",
+    num_train=0,
+    num_test=500,
+    num_heldout=500,
+    data_seed=0,
 )
 _DIFFUSION_DEFAULTS = dict(
     num_train_timesteps=1000,
@@ -70,8 +85,10 @@ _DIFFUSION_DEFAULTS = dict(
     sampler="ddim",
     num_sampling_steps=50,
     guidance_scale=3.0,
-    num_prompts=8,  # prompts of each split sampled by the final report
+    num_prompts=8,  # distinct prompts of each split in the final report's sample grids
     samples_per_prompt=4,
+    num_eval_samples=64,  # captions of each split generated and scored by the final report (0: grids only)
+    judge_steps=300,  # training steps of the final report's item classifier
     final_report=True,
 )
 
@@ -179,7 +196,7 @@ class DiffusionTask:
         self.seed = int(config.seed)
         self._load_data()
         self._build_model(_section(config, "model", _MODEL_DEFAULTS))
-        self._programs: dict[tuple[str, int], Any] = {}  # compiled sampling loops (see _sampling_program)
+        self._programs: dict[tuple, Any] = {}  # compiled sampling loops (see _sampling_program)
 
     def _check_sampling(self):
         o = self.opts
@@ -197,14 +214,18 @@ class DiffusionTask:
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _load_data(self):
-        from mmjax.data.captions import make_captions
+        from mmjax.data.captions import LAYOUTS, make_captions
 
         d, size = self.data_cfg, int(self.data_cfg.image_size)
+        if d.layout not in LAYOUTS:
+            raise ConfigError(f"config.data.layout={d.layout!r} is not valid; valid choices: {list(LAYOUTS)}")
         self.train_source = image_text.fashion_mnist_captions(
-            "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None
+            "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None, layout=d.layout
         )
         parts = [
-            make_captions(s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None)
+            make_captions(
+                s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None, layout=d.layout
+            )
             for s, n in (("test", d.num_test), ("heldout", d.num_heldout))
         ]
         cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
@@ -231,24 +252,28 @@ class DiffusionTask:
             )
         if m["conditioning"] not in CONDITIONING:
             raise ConfigError(f"config.model.conditioning={m['conditioning']!r} is not valid; valid: {CONDITIONING}")
-        self.tokenizer = run_word_tokenizer(self.workdir, self.train_source.all_captions)
-        self.context_length = int(m["context_length"])
         dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(m["dtype"], "bad")
         if dtype == "bad":
             raise ConfigError(f"config.model.dtype={m['dtype']!r} is not valid; valid: ['float32', 'bfloat16']")
-        text = TextTransformer(
-            vocab_size=self.tokenizer.vocab_size,
-            width=int(m["text_width"]),
-            depth=int(m["text_depth"]),
-            num_heads=int(m["text_heads"]),
-            mlp_dim=int(m["text_mlp_dim"]),
-            context_length=self.context_length,
-            activation="gelu",
-            eot_id=self.tokenizer.eot_id,
-            dtype=dtype,
-        )
+        self.frozen_text = None
+        if m["text_encoder_from"]:
+            text = self._clip_text_tower(m["text_encoder_from"], dtype)
+        else:
+            self.tokenizer = run_word_tokenizer(self.workdir, self.train_source.all_captions)
+            self.context_length = int(m["context_length"])
+            text = TextTransformer(
+                vocab_size=self.tokenizer.vocab_size,
+                width=int(m["text_width"]),
+                depth=int(m["text_depth"]),
+                num_heads=int(m["text_heads"]),
+                mlp_dim=int(m["text_mlp_dim"]),
+                context_length=self.context_length,
+                activation="gelu",
+                eot_id=self.tokenizer.eot_id,
+                dtype=dtype,
+            )
         dit_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _MODEL_KEYS}
-        width = int(m["text_width"])
+        width = text.get_encoder_config().width
         dit_kw["pooled_text_dim"] = width if m["conditioning"] in ("pooled", "both") else None
         dit_kw["text_token_dim"] = width if m["conditioning"] in ("tokens", "both") else None
         try:
@@ -257,6 +282,38 @@ class DiffusionTask:
         except TypeError as e:
             raise ConfigError(f"config.model: {e}; valid keys: {sorted(self.model_keys(m))}") from e
         self.model = TextToImage(text, dit, m["conditioning"], self.tokenizer.pad_id)
+
+    def _clip_text_tower(self, workdir: str, dtype) -> TextTransformer:
+        """``config.model.text_encoder_from``: the text tower, its trained parameters (kept in
+        :attr:`frozen_text`, frozen by :meth:`wrap_optimizer`), tokenizer and context length of the CLIP run in
+        ``workdir`` (its latest checkpoint; the EMA parameters when it kept them)."""
+        from mmjax.train.loop import restore_run
+
+        try:
+            config, task, params, _ = restore_run(workdir)
+        except UserError as e:
+            raise ConfigError(f"config.model.text_encoder_from={workdir!r}: {e}") from e
+        if config.task != "contrastive":
+            raise ConfigError(
+                f"config.model.text_encoder_from={workdir!r} is a {config.task!r} run; it must be a CLIP run "
+                "(task 'contrastive', e.g. the workdir of make demo)"
+            )
+        cfg = task.clip_config
+        self.tokenizer, self.context_length = task.tokenizer, int(task.context_length)
+        self.frozen_text = jax.device_get(params["text"])
+        return TextTransformer(
+            vocab_size=cfg.vocab_size,
+            encoder_config=cfg.text_encoder_config(dtype),
+            context_length=cfg.context_length,
+            pooling=cfg.text_pooling,
+            eot_id=cfg.eot_id,
+        )
+
+    def wrap_optimizer(self, tx, params):
+        """Engine hook: with ``config.model.text_encoder_from``, zero updates for the (loaded) text tower."""
+        from mmjax.train.contrastive import freeze
+
+        return freeze(tx, params, "text/.*") if self.frozen_text is not None else tx
 
     def _ids(self, captions) -> np.ndarray:
         return self.tokenizer(list(captions), context_length=self.context_length)
@@ -302,7 +359,10 @@ class DiffusionTask:
     def init_params(self, rng, batch):
         """Initial params ``{"text", "dit"}`` (shapes from one host batch)."""
         x = self.to_model_space(batch["image"][:1])
-        return self.model.init(rng, x, jnp.zeros(1, jnp.int32), jnp.asarray(batch["ids"][:1]))["params"]
+        params = self.model.init(rng, x, jnp.zeros(1, jnp.int32), jnp.asarray(batch["ids"][:1]))["params"]
+        if self.frozen_text is not None:  # config.model.text_encoder_from: the CLIP run's trained text tower
+            params = {**params, "text": jax.tree.map(jnp.asarray, self.frozen_text)}
+        return params
 
     def _losses(self, params, x0, ids, t, noise, rng, train):
         x_t = diffusion.q_sample(self.schedule, x0, noise, t)
@@ -332,11 +392,19 @@ class DiffusionTask:
         return {"loss": jnp.sum(losses * mask), "count": jnp.sum(mask)}
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def generate(self, params, captions, rng, *, guidance_scale=None, num_steps=None, sampler=None) -> np.ndarray:
+    def generate(
+        self, params, captions, rng, *, guidance_scale=None, num_steps=None, sampler=None, **options
+    ) -> np.ndarray:
         """``uint8 [len(captions), S, S, 3]`` images for ``captions``, sampled with classifier-free guidance.
 
         The conditional and null-condition halves run as one doubled batch
-        (:func:`mmjax.diffusion.guided_denoise_fn`); the sampler, steps and scale default to ``config.diffusion``.
+        (:func:`mmjax.diffusion.guided_denoise_fn`); the sampler, steps and scale default to ``config.diffusion``;
+        ``options`` are the sampler's options of :func:`mmjax.diffusion.sample` (``eta``, ``timestep_spacing``,
+        ...) except those the training run fixes (the schedule and the prediction type).
+
+        Raises:
+          ValueError: naming the value, for an empty caption or one longer than the context, an unknown sampler
+            or option, ``num_steps`` outside ``[1, num_train_timesteps]``, or a negative ``guidance_scale``.
         """
         o = self.opts
         captions = list(captions)
@@ -348,19 +416,36 @@ class DiffusionTask:
                 f"caption {too_long[0]!r} has more than context_length - 2 = {self.context_length - 2} words; "
                 "shorten it or train with a longer config.model.context_length"
             )
+        sampler = o.sampler if sampler is None else sampler
+        if sampler not in diffusion.SAMPLERS:
+            raise UserError(f"sampler={sampler!r} is not valid; choose one of {list(diffusion.SAMPLERS)}")
+        num_steps = int(o.num_sampling_steps) if num_steps is None else num_steps
+        T = int(o.num_train_timesteps)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+            raise UserError(
+                f"num_steps={num_steps!r} is not valid; expected an int in [1, {T}] (the run's num_train_timesteps)"
+            )
+        scale = float(o.guidance_scale if guidance_scale is None else guidance_scale)
+        if not np.isfinite(scale) or scale < 0:
+            raise UserError(f"guidance_scale={scale!r} is not valid; expected a number >= 0 (1 = no guidance)")
+        fixed = sorted(set(options) & {"beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type"})
+        if fixed:
+            raise UserError(
+                f"option {fixed[0]}={options[fixed[0]]!r} is fixed by the training run "
+                f"(config.diffusion: beta_schedule={o.beta_schedule!r}, prediction_type={o.prediction_type!r}); drop it"
+            )
         ids = jnp.asarray(self._ids(captions))
         size = int(self.data_cfg.image_size)
         noise = jax.random.normal(rng, (len(captions), size, size, 3), jnp.float32)
-        scale = jnp.float32(o.guidance_scale if guidance_scale is None else guidance_scale)
-        program = self._sampling_program(sampler or o.sampler, int(num_steps or o.num_sampling_steps))
-        x = program(params, ids, noise, jax.random.fold_in(rng, 1), scale)
+        program = self._sampling_program(sampler, int(num_steps), tuple(sorted(options.items())))
+        x = program(params, ids, noise, jax.random.fold_in(rng, 1), jnp.float32(scale))
         return self.to_pixels(x)
 
-    def _sampling_program(self, sampler: str, num_steps: int):
-        """One jitted ``(params, ids, noise, rng, guidance_scale) -> x0`` per sampler and step count, kept, so that
-        every later call with the same shapes reuses its compiled program (the parameters are arguments, not
-        constants baked into it)."""
-        key = (sampler, num_steps)
+    def _sampling_program(self, sampler: str, num_steps: int, options: tuple = ()):
+        """One jitted ``(params, ids, noise, rng, guidance_scale) -> x0`` per sampler, step count and options, kept,
+        so that every later call with the same shapes reuses its compiled program (the parameters are arguments,
+        not constants baked into it). Bad ``options`` raise :func:`mmjax.diffusion.sample`'s error when traced."""
+        key = (sampler, num_steps, options)
         if key not in self._programs:
             o = self.opts
 
@@ -378,43 +463,142 @@ class DiffusionTask:
                     num_train_timesteps=int(o.num_train_timesteps),
                     beta_schedule=o.beta_schedule,
                     prediction_type=o.prediction_type,
-                    **({"rng": rng} if sampler == "ddpm" else {}),
+                    rng=rng,  # used by the stochastic samplers (ddpm, ddim with eta > 0), ignored by the others
+                    **dict(options),
                 )
 
             self._programs[key] = jax.jit(run)
         return self._programs[key]
 
+    def generate_many(self, params, captions, rng, *, chunk: int = 128, **kw) -> np.ndarray:
+        """:meth:`generate` in chunks of ``chunk`` captions (the last one padded): one compiled program for any
+        number of captions. Chunk ``i`` draws its noise from ``fold_in(rng, i)``."""
+        captions = list(captions)
+        out = []
+        for i in range(0, len(captions), chunk):
+            part = captions[i : i + chunk]
+            pad = [part[-1]] * (chunk - len(part)) if len(captions) > chunk else []
+            out.append(self.generate(params, part + pad, jax.random.fold_in(rng, i // chunk), **kw)[: len(part)])
+        return np.concatenate(out) if out else np.zeros((0, *self.train_source.images.shape[1:]), np.uint8)
+
+    def _judge(self):
+        """The item classifier of :mod:`mmjax.evaluate.judge`, trained on the real training images (item labels)
+        with ``config.diffusion.judge_steps`` steps, seeded by ``config.seed``."""
+        from mmjax.data.captions import ITEM_NAMES
+        from mmjax.evaluate.judge import train_judge
+
+        test = np.flatnonzero(self.eval_source.extras["group"] == 0)
+        return train_judge(
+            self.train_source.images,
+            self.train_source.extras["item"],
+            num_classes=len(ITEM_NAMES),
+            test=(self.eval_source.images[test], self.eval_source.extras["item"][test]),
+            num_steps=int(self.opts.judge_steps),
+            batch_size=min(128, len(self.train_source)),
+            seed=self.seed,
+        )
+
+    def sample_images(self, params) -> dict[str, np.ndarray]:
+        """The engine's ``config.image_every`` hook: ``{"samples": uint8 [H, W, 3]}``, a tiled grid with one row per
+        prompt (the first ``num_prompts`` distinct test captions, then as many held-out ones) and
+        ``samples_per_prompt`` columns, from noise fixed by ``config.seed`` (the same at every step)."""
+        o = self.opts
+        k, per = int(o.num_prompts), int(o.samples_per_prompt)
+        group, src = self.eval_source.extras["group"], self.eval_source
+        prompts = [
+            c for g in (0, 1) for c in list(dict.fromkeys(src.captions[i][0] for i in np.flatnonzero(group == g)))[:k]
+        ]
+        images = self.generate_many(
+            jax.device_get(params), [c for c in prompts for _ in range(per)], jax.random.key(self.seed), chunk=k * per
+        )
+        return {"samples": tile_images(images, len(prompts), per)}
+
     def final_report(self, params, workdir: str) -> dict[str, Any]:
-        """Samples for ``num_prompts`` test and held-out captions (``samples_per_prompt`` each): the fraction whose
-        colour, size and position, read back from the pixels, match the prompt; a PNG grid per split."""
+        """Scores of images generated for the test and held-out captions, and PNG grids of samples per prompt.
+
+        For the first ``num_eval_samples`` captions of each split, one image each: ``generated_{split}item_accuracy``
+        (the judge of :meth:`_judge` agrees with the prompt's item; its own accuracy on the real test and held-out
+        images is ``judge_accuracy`` / ``judge_heldout_accuracy``), ``generated_{split}colour_accuracy`` (the hue
+        read from the pixels, :func:`mmjax.data.captions.measure_attributes`), ``generated_{split}both_accuracy``
+        (item and colour both right), and with ``layout="canvas"`` the size and position accuracies. ``fid`` /
+        ``heldout_fid``: :func:`mmjax.evaluate.frechet_distance` on the judge's features between the generated
+        images and as many real images of the split; ``fid_floor``: the same between real training and real test
+        images. Grids: ``num_prompts`` distinct captions of each split, ``samples_per_prompt`` samples each.
+        """
         from mmjax.data.captions import measure_attributes
+        from mmjax.evaluate.generation import frechet_distance
 
         if jax.process_count() > 1 or not self.opts.final_report:
             return {}
         params = jax.device_get(params)
         os.makedirs(workdir, exist_ok=True)
-        extras, group = self.eval_source.extras, self.eval_source.extras["group"]
+        src, extras, group = self.eval_source, self.eval_source.extras, self.eval_source.extras["group"]
+        o = self.opts
+        k, per, n = int(o.num_prompts), int(o.samples_per_prompt), int(o.num_eval_samples)
+        chunk = max(1, min(256, k * per))
+        judge = self._judge() if n else None
         report: dict[str, Any] = {}
-        k, per = int(self.opts.num_prompts), int(self.opts.samples_per_prompt)
-        for g, prefix in ((0, ""), (1, "heldout_")):
-            rows = np.flatnonzero(group == g)[:k]
-            captions = [self.eval_source[int(i)]["captions"][0] for i in rows for _ in range(per)]
-            images = self.generate(params, captions, jax.random.fold_in(jax.random.key(self.seed), g))
-            got = measure_attributes(images)
-            for attr in ("colour", "size", "position"):
-                want = np.repeat(extras[attr][rows], per)
-                report[f"generated_{prefix}{attr}_accuracy"] = float(np.mean(got[attr] == want))
-            report[f"samples_{prefix or 'test_'}png"] = _sample_grid(
-                images, captions[::per], per, os.path.join(workdir, f"samples_{prefix or 'test_'}grid.png")
+        if judge is not None:
+            held = np.flatnonzero(group == 1)
+            report["judge_accuracy"] = judge.accuracy
+            report["judge_heldout_accuracy"] = float(np.mean(judge.predict(src.images[held]) == extras["item"][held]))
+            m = min(n, int(np.sum(group == 0)), len(self.train_source))
+            report["fid_floor"] = frechet_distance(
+                judge.features(self.train_source.images[:m]), judge.features(src.images[np.flatnonzero(group == 0)[:m]])
             )
+        attrs = ("colour", "size", "position") if self.data_cfg.layout == "canvas" else ("colour",)
+        for g, prefix in ((0, ""), (1, "heldout_")):
+            split_rows = np.flatnonzero(group == g)
+            rng = jax.random.fold_in(jax.random.key(self.seed), g)
+            if judge is not None:
+                rows = split_rows[:n]
+                images = self.generate_many(
+                    params, [src.captions[i][0] for i in rows], jax.random.fold_in(rng, 0), chunk=chunk
+                )
+                got = measure_attributes(images)
+                right = {"item": judge.predict(images) == extras["item"][rows]}
+                right.update({a: got[a] == extras[a][rows] for a in attrs})
+                right["both"] = right["item"] & right["colour"]
+                for name, ok in right.items():
+                    report[f"generated_{prefix}{name}_accuracy"] = float(np.mean(ok))
+                report[f"{prefix}fid"] = frechet_distance(judge.features(images), judge.features(src.images[rows]))
+            prompts = list(dict.fromkeys(src.captions[i][0] for i in split_rows))[:k]
+            grid = self.generate_many(
+                params, [c for c in prompts for _ in range(per)], jax.random.fold_in(rng, 1), chunk=chunk
+            )
+            name = f"samples_{prefix or 'test_'}grid.png"
+            report[f"samples_{prefix or 'test_'}png"] = sample_grid(grid, prompts, per, os.path.join(workdir, name))
         with open(os.path.join(workdir, "report.json"), "w") as f:
             json.dump(report, f, indent=2, default=str)
         print("diffusion report: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)
         return report
 
 
-def _sample_grid(images, prompts, per_prompt, path) -> str:
-    """A PNG with one row per prompt (its text on the left) and ``per_prompt`` samples; returns ``path``."""
+def tile_images(images, rows: int, cols: int, gap: int = 1) -> np.ndarray:
+    """``uint8 [rows * cols, S, S, 3]`` images as one ``uint8 [rows * (S + gap) - gap, cols * (S + gap) - gap, 3]``
+    grid, row-major, ``gap`` black pixels between them.
+
+    >>> tile_images(np.full((6, 2, 2, 3), 9, np.uint8), 2, 3).shape
+    (5, 8, 3)
+    """
+    images = np.asarray(images)
+    n, s, _, c = images.shape
+    if n != rows * cols:
+        raise UserError(f"tile_images: {n} images do not fill {rows} x {cols}")
+    out = np.zeros((rows * (s + gap) - gap, cols * (s + gap) - gap, c), images.dtype)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        out[r * (s + gap) : r * (s + gap) + s, q * (s + gap) : q * (s + gap) + s] = image
+    return out
+
+
+def sample_grid(images, prompts, per_prompt, path) -> str:
+    """A PNG with one row per prompt (its text on the left) and ``per_prompt`` samples; returns ``path``.
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "grid.png")
+    >>> os.path.getsize(sample_grid(np.zeros((4, 8, 8, 3), np.uint8), ["a red bag", "a blue bag"], 2, path)) > 0
+    True
+    """
     from mmjax.evaluate.embeddings import _agg_figure, _save
 
     rows = len(prompts)

@@ -7,7 +7,8 @@
 4. restore the latest checkpoint of ``workdir/checkpoints`` if there is one (an unreadable or mismatching one is an
    error) - the data order, dropout keys and schedule all derive from the step, so the run continues exactly;
 5. run the steps: log train metrics every ``log_every``, evaluate every ``eval_every``, checkpoint every
-   ``checkpoint_every`` and at the end; SIGTERM finishes the current step, saves and returns (one that comes
+   ``checkpoint_every`` and at the end, save the images a task draws (``task.sample_images(params)``, optional)
+   every ``image_every`` to ``workdir/images/`` and TensorBoard; SIGTERM finishes the current step, saves and returns (one that comes
    during steps 1-4, before training began, stops the run after its first step; with several processes, a SIGTERM to any of them stops all of them after the same step: the next one, see
    :class:`mmjax.train.distributed.StopAgreement`);
 6. evaluate, save the curve plot and return the final metrics.
@@ -345,6 +346,11 @@ def _train(config, workdir: str, watch: Stopwatch, preemption: _Preemption) -> d
                 eval_metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))
                 logger.write(step, "eval", eval_metrics)
                 lap += time.perf_counter() - t0  # evaluation time does not count as training time
+            if config.image_every and step % config.image_every == 0 and hasattr(task, "sample_images"):
+                t0 = time.perf_counter()  # optional hook: images drawn by the model as it trains (process 0 draws)
+                if jax.process_count() == 1:
+                    logger.write_images(step, task.sample_images(plan.to_canonical(placed).eval_params))
+                lap += time.perf_counter() - t0  # drawing time does not count as training time
             if stop:
                 preempted = step < total_steps
                 break
@@ -397,18 +403,23 @@ def load_config(workdir: str):
     return from_json(storage.read_text(path))
 
 
-def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of the run in ``workdir`` with its saved config (plus ``overrides``): its EMA
-    parameters when the run kept them (``config.optimizer.ema_decay > 0``), else its parameters.
+def restore_run(workdir: str, overrides=None):
+    """The task and evaluation parameters of the latest checkpoint of the run in ``workdir``: its saved config (plus
+    ``overrides``), its EMA parameters when the run kept them (``config.optimizer.ema_decay > 0``), else its
+    parameters, gathered to the host.
 
-    Returns ``{"step": int, "eval_<metric>": float, ...}``. Raises ``ValueError`` if there is no checkpoint.
-    (Example: see :func:`train_and_evaluate`.)
+    Returns ``(config, task, params, step)``. Raises ``ValueError`` if ``workdir`` is not a run or has no checkpoint.
 
-    >>> evaluate("/nonexistent")
+    >>> restore_run("/nonexistent")
     Traceback (most recent call last):
     ...
     mmjax.errors.UserError: workdir '/nonexistent' has no config.json: it is not a training run's directory
     """
+    config, plan, task, state = _restore(workdir, overrides)
+    return config, task, jax.device_get(state.eval_params), int(state.step)
+
+
+def _restore(workdir: str, overrides):
     from mmjax.train.config import merge
 
     config = load_config(workdir)
@@ -423,6 +434,22 @@ def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
     ckpt.close()
     if latest is None:
         raise UserError(f"no checkpoint found in {ckpt_dir}: train first (mmjax train ... --workdir {workdir})")
+    return config, plan, task, state
+
+
+def evaluate(workdir: str, overrides=None) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of the run in ``workdir`` with its saved config (plus ``overrides``): its EMA
+    parameters when the run kept them (``config.optimizer.ema_decay > 0``), else its parameters.
+
+    Returns ``{"step": int, "eval_<metric>": float, ...}``. Raises ``ValueError`` if there is no checkpoint.
+    (Example: see :func:`train_and_evaluate`.)
+
+    >>> evaluate("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    mmjax.errors.UserError: workdir '/nonexistent' has no config.json: it is not a training run's directory
+    """
+    config, plan, task, state = _restore(workdir, overrides)
     eval_step = plan.compile_eval_step(lambda p, b: task.eval_metrics(p, b, axis_name=plan.axis_name))
     placed = plan.from_canonical(state)
     metrics = _evaluate(task, plan, eval_step, plan.params_for_eval(placed))

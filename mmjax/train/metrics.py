@@ -118,6 +118,29 @@ class MetricLogger:
             self._bar.write(f"step {step}: " + ", ".join(f"eval {k}={v:.4f}" for k, v in record.items()))
         return record
 
+    def write_images(self, step: int, images: dict[str, Any]) -> list[str]:
+        """Saves each ``uint8 [H, W, 3]`` image as ``workdir/images/{name}_{step:07d}.png`` and to TensorBoard (tag
+        ``images/{name}``); returns the PNG paths (none on other processes than the primary)."""
+        if self._file is None:
+            return []
+        from PIL import Image
+
+        paths = []
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image {name!r} must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+            path = storage.join(self.workdir, "images", f"{name}_{int(step):07d}.png")
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            storage.write_bytes(path, buffer.getvalue())
+            paths.append(path)
+            if self._tb is not None:
+                self._tb.add_image(f"images/{name}", image, int(step), dataformats="HWC")
+        if self._tb is not None:
+            self._tb.flush()
+        return paths
+
     def advance(self, steps: int = 1) -> None:
         """Moves the progress bar by ``steps`` global batches."""
         if self._bar is not None:
