@@ -212,7 +212,7 @@ def test_full_layout_has_the_canvas_layouts_items_and_colours_filling_the_canvas
     assert full.size.tolist() == [-1] * 40 and full.position.tolist() == [-1] * 40
     assert full.captions == [f"a {C.COLOUR_NAMES[c]} {C.ITEM_NAMES[i]}" for c, i in zip(full.colour, full.item)]
     # at 28 px the item is not resized, and every palette colour has a 255 channel: max(R, G, B) is the item itself
-    source = load_fashion_mnist("train", idx_dir)[0]
+    source = np.asarray(load_fashion_mnist("train", idx_dir)[0]).reshape(-1, 28, 28)
     np.testing.assert_array_equal(full.images.max(axis=-1), np.asarray(source)[full.source_index])
     # each channel is the item scaled by the colour: round(v / 255 * rgb)
     rgb = C.COLOUR_RGB[full.colour][:, None, None, :]

@@ -43,15 +43,14 @@ def test_the_judge_sees_brightness_not_colour(judge):
     np.testing.assert_array_equal(judge.features(items), red)  # grey [N, S, S] images are read the same way
 
 
-def test_chunked_and_whole_batches_agree_and_fid_of_a_set_with_itself_is_zero(judge):
+def test_chunked_and_whole_batches_agree(judge):
     items, _ = _shapes(1300, seed=4)
     images = render_full(items, np.zeros(1300, np.int64), image_size=12)
     chunked = judge.features(images)  # 1000 + 300 (padded to 1000)
     _, whole = judge._run(images, batch_size=2000)
     # the same float32 ops per row; batching may only reorder XLA's reductions: bound by the features' magnitude
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5 * float(np.abs(whole).max()))
-    assert abs(frechet_distance(chunked, chunked)) < 1e-6 * float(np.abs(chunked).max()) ** 2
-    assert frechet_distance(chunked[:600], chunked[600:1200]) >= 0.0
+    assert frechet_distance(chunked[:600], chunked[600:1200]) > 0.0  # two samples of one distribution
 
 
 def test_the_same_seed_trains_the_same_judge():
