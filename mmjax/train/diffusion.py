@@ -498,16 +498,18 @@ class DiffusionTask:
             seed=self.seed,
         )
 
+    def _grid_prompts(self, group: int) -> list[str]:
+        """The first ``num_prompts`` distinct captions of the test (``group`` 0) or held-out (1) rows, in order."""
+        rows = np.flatnonzero(self.eval_source.extras["group"] == group)
+        return list(dict.fromkeys(self.eval_source.captions[i][0] for i in rows))[: int(self.opts.num_prompts)]
+
     def sample_images(self, params) -> dict[str, np.ndarray]:
         """The engine's ``config.image_every`` hook: ``{"samples": uint8 [H, W, 3]}``, a tiled grid with one row per
         prompt (the first ``num_prompts`` distinct test captions, then as many held-out ones) and
         ``samples_per_prompt`` columns, from noise fixed by ``config.seed`` (the same at every step)."""
         o = self.opts
         k, per = int(o.num_prompts), int(o.samples_per_prompt)
-        group, src = self.eval_source.extras["group"], self.eval_source
-        prompts = [
-            c for g in (0, 1) for c in list(dict.fromkeys(src.captions[i][0] for i in np.flatnonzero(group == g)))[:k]
-        ]
+        prompts = self._grid_prompts(0) + self._grid_prompts(1)
         images = self.generate_many(
             jax.device_get(params), [c for c in prompts for _ in range(per)], jax.random.key(self.seed), chunk=k * per
         )
@@ -542,10 +544,9 @@ class DiffusionTask:
             held = np.flatnonzero(group == 1)
             report["judge_accuracy"] = judge.accuracy
             report["judge_heldout_accuracy"] = float(np.mean(judge.predict(src.images[held]) == extras["item"][held]))
-            m = min(n, int(np.sum(group == 0)), len(self.train_source))
-            report["fid_floor"] = frechet_distance(
-                judge.features(self.train_source.images[:m]), judge.features(src.images[np.flatnonzero(group == 0)[:m]])
-            )
+            real_test = judge.features(src.images[np.flatnonzero(group == 0)[:n]])  # the floor's and the test FID's
+            m = min(len(real_test), len(self.train_source))
+            report["fid_floor"] = frechet_distance(judge.features(self.train_source.images[:m]), real_test[:m])
         attrs = ("colour", "size", "position") if self.data_cfg.layout == "canvas" else ("colour",)
         for g, prefix in ((0, ""), (1, "heldout_")):
             split_rows = np.flatnonzero(group == g)
@@ -561,8 +562,9 @@ class DiffusionTask:
                 right["both"] = right["item"] & right["colour"]
                 for name, ok in right.items():
                     report[f"generated_{prefix}{name}_accuracy"] = float(np.mean(ok))
-                report[f"{prefix}fid"] = frechet_distance(judge.features(images), judge.features(src.images[rows]))
-            prompts = list(dict.fromkeys(src.captions[i][0] for i in split_rows))[:k]
+                real = real_test if g == 0 else judge.features(src.images[rows])
+                report[f"{prefix}fid"] = frechet_distance(judge.features(images), real)
+            prompts = self._grid_prompts(g)
             grid = self.generate_many(
                 params, [c for c in prompts for _ in range(per)], jax.random.fold_in(rng, 1), chunk=chunk
             )
