@@ -23,12 +23,12 @@ images judged by a classifier trained on the real training images (its own test 
 read from their pixels, both right, the Frechet distance on the judge's features with the real-train vs real-test
 floor, and sample grids ``samples_test_grid.png`` / ``samples_heldout_grid.png`` (16 prompts x 8 samples).
 
-Result (seeds 0 and 1, 2026-12-03; seed 2 not run yet): test prompts item 0.774 / 0.807 (the judge on real test
-images: 0.8805 / 0.8845), colour 1.000 / 1.000, Frechet distance 27.5 / 26.8 (real train vs real test 1.76 / 1.89);
-held-out prompts both right 0.730 / 0.796 (colour 1.000 / 1.000), Frechet distance 29.3 / 28.2. Targets: item >= 0.85
-(not met), colour >= 0.95 (met), held-out both >= 0.65 (met). Seed 1 trained at 180 images/s on the idle machine
-(about 19 min for 1600 steps; its final report took 7 min beside the test suite); seed 0 shared the 2 cores with
-the test suite.
+Result (seeds 0, 1, 2, 2026-12-03): test prompts item 0.774 / 0.807 / 0.827, mean 0.8027 (the judge on real
+test images: 0.8805 / 0.8845 / 0.877), colour 1.000 for all three, Frechet distance 27.5 / 26.8 / 28.0 (real train vs
+real test 1.76 / 1.89 / 2.14); held-out prompts both right 0.730 / 0.796 / 0.763, mean 0.763 (colour 1.000), Frechet
+distance 29.3 / 28.2 / 31.7. Targets: item >= 0.85 (not met), colour >= 0.95 (met), held-out both >= 0.65 (met).
+Seed 2 trained 1600 steps in 17.5 min (150-270 images/s; the machine idle from about step 950) and its final report
+took 5 min; seed 1 trained at 180 images/s on the idle machine; seed 0 shared the 2 cores with the test suite.
 
 What the tuning runs showed (seed 0; 2026-12-03; on a machine shared with other work, so no wall times): with
 pooled conditioning alone and min-SNR-5 weights, 1800 steps gave item 0.514 and colour 0.325 on the test prompts:
