@@ -67,6 +67,7 @@ import numpy as np
 
 from mmjax.attention import MultiHeadAttention
 from mmjax.errors import UserError
+from mmjax.layer_norm import LayerNorm
 from mmjax.layers import ACTIVATIONS, Mlp, posemb_sincos_2d
 
 Dtype = Any
@@ -202,15 +203,7 @@ def posemb_sincos_2d_mae(height: int, width: int, dim: int, dtype: Dtype = jnp.f
 
 
 def _layer_norm(eps, dtype, param_dtype, name, affine=False):
-    return nn.LayerNorm(
-        epsilon=eps,
-        use_scale=affine,
-        use_bias=affine,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    return LayerNorm(epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
