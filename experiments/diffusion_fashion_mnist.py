@@ -23,12 +23,13 @@ images judged by a classifier trained on the real training images (its own test 
 read from their pixels, both right, the Frechet distance on the judge's features with the real-train vs real-test
 floor, and sample grids ``samples_test_grid.png`` / ``samples_heldout_grid.png`` (16 prompts x 8 samples).
 
-Result (seeds 0, 1, 2, 2026-12-03): test prompts item 0.774 / 0.807 / 0.827, mean 0.8027 (the judge on real
-test images: 0.8805 / 0.8845 / 0.877), colour 1.000 for all three, Frechet distance 27.5 / 26.8 / 28.0 (real train vs
-real test 1.76 / 1.89 / 2.14); held-out prompts both right 0.730 / 0.796 / 0.763, mean 0.763 (colour 1.000), Frechet
-distance 29.3 / 28.2 / 31.7. Targets: item >= 0.85 (not met), colour >= 0.95 (met), held-out both >= 0.65 (met).
-Seed 2 trained 1600 steps in 17.5 min (150-270 images/s; the machine idle from about step 950) and its final report
-took 5 min; seed 1 trained at 180 images/s on the idle machine; seed 0 shared the 2 cores with the test suite.
+Result (seeds 0, 1, 2, 2026-12-03, the DiT with :mod:`mmjax.layer_norm`): test prompts item 0.772 / 0.803 / 0.820,
+mean 0.7983 (the judge on real test images: 0.8805 / 0.8845 / 0.877), colour 1.000 for all three, Frechet distance
+27.7 / 26.9 / 28.4 (real train vs real test 1.76 / 1.89 / 2.14); held-out prompts both right 0.706 / 0.801 / 0.764,
+mean 0.757 (colour 1.000), Frechet distance 29.2 / 28.3 / 32.3. Targets: item >= 0.85 (not met), colour >= 0.95
+(met), held-out both >= 0.65 (met). Training took 20.4-22.0 min (median 160-166 images/s on the otherwise idle
+machine; a jitted step costs the same with the previous LayerNorm, whose run reached 240-270 images/s on the
+same machine at another time), the final report 6-7 min.
 
 What the tuning runs showed (seed 0; 2026-12-03; on a machine shared with other work, so no wall times): with
 pooled conditioning alone and min-SNR-5 weights, 1800 steps gave item 0.514 and colour 0.325 on the test prompts:
