@@ -52,6 +52,11 @@ def _normalize_bwd(eps: float, residuals, g: Array):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+def _normalize_promoted(x: Array, eps: float) -> Array:
+    """:func:`_normalize` on ``x`` promoted to at least float32; the result stays in that dtype."""
+    return _normalize(x.astype(jnp.promote_types(x.dtype, jnp.float32)), float(eps))
+
+
 def normalize(x: Array, eps: float = 1e-6) -> Array:
     """``(x - mean(x)) / sqrt(var(x) + eps)`` over the last axis (two-pass variance), in ``x``'s dtype.
 
@@ -64,8 +69,7 @@ def normalize(x: Array, eps: float = 1e-6) -> Array:
       >>> [round(float(v), 4) for v in y[0]], round(float(jnp.var(y)), 4)
       ([-1.2247, 0.0, 1.2247], 1.0)
     """
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    return _normalize(x.astype(compute), float(eps)).astype(x.dtype)
+    return _normalize_promoted(x, eps).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -102,7 +106,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype) if self.use_scale else None
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias else None
         dtype = self.dtype or jnp.result_type(x, *(p for p in (scale, bias) if p is not None))
-        y = _normalize(x.astype(jnp.promote_types(x.dtype, jnp.float32)), float(self.epsilon))
+        y = _normalize_promoted(x, self.epsilon)  # scale and bias applied before the cast, as flax's LayerNorm
         if scale is not None:
             y = y * scale.astype(y.dtype)
         if bias is not None:
