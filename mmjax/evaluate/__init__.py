@@ -7,6 +7,8 @@ One concept per submodule, every public name re-exported here (``mmjax.evaluate.
   (:func:`zero_shot_classifier`, :func:`zero_shot_accuracy`), image<->text :func:`retrieval_recall`, the ridge
   :func:`linear_probe`, and the plots :func:`plot_confusion_matrix`, :func:`plot_retrieval_grid` (matplotlib's Agg
   canvas: no pyplot, no global backend change).
+* :mod:`~mmjax.evaluate.captioning`: :func:`bleu` (BLEU-1..4) and :func:`cider_d` (CIDEr-D) of captions, exactly
+  as pycocoevalcap's ``Bleu(4)`` and ``Cider()`` score already tokenised text.
 * :mod:`~mmjax.evaluate.detection`: :func:`coco_ap`, COCO box average precision exactly as pycocotools' ``COCOeval``.
 * :mod:`~mmjax.evaluate.generation`: :func:`frechet_distance` (FID on any feature extractor).
 * :mod:`~mmjax.evaluate.judge`: :func:`train_judge`, a small CNN trained on real labelled images that judges what a
@@ -18,6 +20,7 @@ One concept per submodule, every public name re-exported here (``mmjax.evaluate.
 0.5
 """
 
+from mmjax.evaluate.captioning import bleu, cider_d
 from mmjax.evaluate.detection import coco_ap
 from mmjax.evaluate.embeddings import (
     confusion_matrix,
@@ -36,6 +39,8 @@ from mmjax.evaluate.judge import Judge, JudgeCNN, train_judge
 __all__ = [
     "Judge",
     "JudgeCNN",
+    "bleu",
+    "cider_d",
     "coco_ap",
     "confusion_matrix",
     "frechet_distance",
