@@ -26,8 +26,12 @@ Conventions shared by every implementation:
 
 * ``mask`` is boolean, ``True`` = attend, broadcastable to ``[B, N, T, S]``; ``bias`` is additive, broadcastable to
   ``[B, N, T, S]``; both may have lower rank (numpy broadcasting from the right).
-* ``is_causal``: query ``i`` attends keys ``j <= i`` (top-left aligned, also when ``T != S``); this is what
-  ``jax.nn.dot_product_attention`` (``tril(ones((T, S)))``) and ``torch`` SDPA (``ones(L, S).tril()``) do.
+* ``is_causal``: query ``i`` attends keys ``j <= i + causal_offset``. The default offset 0 is top-left aligned,
+  also when ``T != S``: what ``jax.nn.dot_product_attention`` (``tril(ones((T, S)))``) and ``torch`` SDPA
+  (``ones(L, S).tril()``) do. ``causal_offset = S - T`` aligns it bottom-right (the queries are the last ``T`` of
+  ``S`` positions: a prompt after a prefix, FlashAttention 2's and ``torch``'s ``causal_lower_right``), and a traced
+  integer (a KV cache's fill index) places the queries anywhere; the chunked kernel skips the key tiles right of the
+  shifted diagonal in both passes, and its tile counts are dynamic, so one compiled program serves every offset.
 * A query row with no key to attend (all masked, or every logit ``-inf``) yields **zeros** and zero gradients.
   (``jax.nn.dot_product_attention`` returns ``mean(v)`` there; ``torch`` 2.13 SDPA returns zeros too, older
   versions ``NaN``.)
@@ -71,6 +75,23 @@ def _check_broadcast(name: str, x: Array, target: tuple[int, ...]) -> None:
             f"{list(target)}; expected each of its (right-aligned) dims to be 1 or equal to that dim, rank <= 4. "
             f"Reshape it, e.g. a padding mask as [batch, 1, 1, kv_len]."
         )
+
+
+def _validate_offset(causal_offset, is_causal) -> None:
+    if causal_offset is None:
+        return
+    if not is_causal:
+        raise ValueError(
+            f"causal_offset={causal_offset!r} is given with is_causal=False; it shifts the causal diagonal, so pass "
+            "is_causal=True as well (or drop causal_offset)."
+        )
+    if isinstance(causal_offset, bool) or jnp.ndim(causal_offset) != 0:
+        raise ValueError(
+            f"causal_offset must be an integer scalar (a Python int or a 0-d integer array), got "
+            f"{causal_offset!r} (shape {jnp.shape(causal_offset)}); one offset serves the whole batch."
+        )
+    if not jnp.issubdtype(jnp.result_type(causal_offset), jnp.integer):
+        raise ValueError(f"causal_offset must be an integer, got dtype {jnp.result_type(causal_offset)}.")
 
 
 def _validate(query, key, value, bias, mask, implementation, dropout_rate, dropout_rng, deterministic):
@@ -139,6 +160,16 @@ def _as_rank4(x: Array | None) -> Array | None:
     return None if x is None else x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
 
+def _offset(causal_offset: int | Array | None) -> Array:
+    """The causal offset as an int32 scalar (0 when None)."""
+    return jnp.asarray(0 if causal_offset is None else causal_offset, jnp.int32)
+
+
+def _causal_valid(T: int, S: int, causal_offset: int | Array | None) -> Array:
+    """Boolean ``[T, S]``: key ``j`` is visible to query ``i`` when ``j <= i + causal_offset``."""
+    return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + _offset(causal_offset)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +183,7 @@ def attention_weights(
     *,
     scale: float | None = None,
     is_causal: bool = False,
+    causal_offset: int | Array | None = None,
 ) -> Array:
     """Attention probabilities ``softmax(scale * Q K^T + bias, masked)`` as ``[B, N, T, S]`` (compute dtype).
 
@@ -162,6 +194,7 @@ def attention_weights(
     [[6.0, 0.0, 0.0, 0.0, 0.0], [3.0, 3.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 0.0, 0.0]]
     """
     _validate(query, key, key, bias, mask, "reference", 0.0, None, True)
+    _validate_offset(causal_offset, is_causal)
     B, T, N, D = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
@@ -175,7 +208,7 @@ def attention_weights(
     if mask is not None:
         valid = valid & _as_rank4(mask)
     if is_causal:
-        valid = valid & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
+        valid = valid & _causal_valid(T, S, causal_offset)
     s = jnp.where(valid, s, -jnp.inf)
     m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -184,11 +217,13 @@ def attention_weights(
     return p / jnp.where(denom == 0, 1.0, denom)
 
 
-def _reference(query, key, value, bias, mask, scale, is_causal, dropout_rate, dropout_rng, deterministic):
+def _reference(
+    query, key, value, bias, mask, scale, is_causal, causal_offset, dropout_rate, dropout_rng, deterministic
+):
     B, T, N, D = query.shape
     S, K, Dv = key.shape[1], key.shape[2], value.shape[3]
     cdt = _compute_dtype(query.dtype)
-    p = attention_weights(query, key, bias, mask, scale=scale, is_causal=is_causal)
+    p = attention_weights(query, key, bias, mask, scale=scale, is_causal=is_causal, causal_offset=causal_offset)
     if dropout_rate > 0.0 and not deterministic:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
         p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
@@ -231,7 +266,7 @@ def _tile(x: Array | None, i, j, cfg: _Tiling) -> Array | None:
     return lax.dynamic_slice(x, start, size)
 
 
-def _valid(i, j, mask_tile, cfg: _Tiling) -> Array | None:
+def _valid(i, j, mask_tile, off, cfg: _Tiling) -> Array | None:
     """Boolean [.., bq, bk] validity of a tile (key padding, causal, user mask), or None when all valid."""
     valid = None
     cols = j * cfg.bk + lax.broadcasted_iota(jnp.int32, (cfg.bq, cfg.bk), 1)
@@ -239,7 +274,7 @@ def _valid(i, j, mask_tile, cfg: _Tiling) -> Array | None:
         valid = cols < cfg.S
     if cfg.causal:
         rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, cfg.bk), 0)
-        c = cols <= rows
+        c = cols <= rows + off
         valid = c if valid is None else valid & c
     if mask_tile is not None:
         valid = mask_tile if valid is None else valid & mask_tile
@@ -256,19 +291,21 @@ def _scores(qb, kb, bias_tile, valid):
     return s
 
 
-def _num_key_blocks(i, cfg: _Tiling):
+def _num_key_blocks(i, off, cfg: _Tiling):
+    """Key tiles that query tile ``i`` sees: up to the one holding key ``(i + 1) * bq - 1 + off``."""
     if not cfg.causal:
         return cfg.nk
-    return jnp.minimum(cfg.nk, ((i + 1) * cfg.bq + cfg.bk - 1) // cfg.bk)
+    return jnp.clip(((i + 1) * cfg.bq + off + cfg.bk - 1) // cfg.bk, 0, cfg.nk)
 
 
-def _first_query_block(j, cfg: _Tiling):
+def _first_query_block(j, off, cfg: _Tiling):
+    """The first query tile that sees key tile ``j``: the one holding query row ``j * bk - off``."""
     if not cfg.causal:
         return 0
-    return (j * cfg.bk) // cfg.bq
+    return jnp.clip((j * cfg.bk - off) // cfg.bq, 0, cfg.nq)
 
 
-def _flash_forward(q, k, v, bias, mask, cfg: _Tiling):
+def _flash_forward(q, k, v, bias, mask, off, cfg: _Tiling):
     B, K, G, _, D = q.shape
     Dv = v.shape[-1]
     dt = q.dtype
@@ -281,7 +318,7 @@ def _flash_forward(q, k, v, bias, mask, cfg: _Tiling):
             m, l, acc = carry
             kb = lax.dynamic_slice_in_dim(k, j * cfg.bk, cfg.bk, axis=2)
             vb = lax.dynamic_slice_in_dim(v, j * cfg.bk, cfg.bk, axis=2)
-            s = _scores(qb, kb, _tile(bias, i, j, cfg), _valid(i, j, _tile(mask, i, j, cfg), cfg))
+            s = _scores(qb, kb, _tile(bias, i, j, cfg), _valid(i, j, _tile(mask, i, j, cfg), off, cfg))
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -295,7 +332,7 @@ def _flash_forward(q, k, v, bias, mask, cfg: _Tiling):
             jnp.zeros((B, K, G, cfg.bq), dt),
             jnp.zeros((B, K, G, cfg.bq, Dv), dt),
         )
-        m, l, acc = lax.fori_loop(0, _num_key_blocks(i, cfg), k_step, init)
+        m, l, acc = lax.fori_loop(0, _num_key_blocks(i, off, cfg), k_step, init)
         empty = l == 0
         o = acc / jnp.where(empty, 1.0, l)[..., None]
         lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
@@ -322,7 +359,7 @@ def _tile_t(x: Array | None, i, j, cfg: _Tiling) -> Array | None:
     return lax.dynamic_slice(x, start, size), start
 
 
-def _valid_t(i, j, mask_tile, cfg: _Tiling) -> Array | None:
+def _valid_t(i, j, mask_tile, off, cfg: _Tiling) -> Array | None:
     """Boolean [.., bk, 1, bq] validity of a key-major tile, or None when all valid."""
     valid = None
     shape = (cfg.bk, 1, cfg.bq)
@@ -330,7 +367,7 @@ def _valid_t(i, j, mask_tile, cfg: _Tiling) -> Array | None:
     if cfg.nk * cfg.bk > cfg.S:
         valid = cols < cfg.S
     if cfg.causal:
-        c = cols <= i * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, 2)
+        c = cols <= i * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, 2) + off
         valid = c if valid is None else valid & c
     if mask_tile is not None:
         valid = mask_tile if valid is None else valid & mask_tile
@@ -340,7 +377,7 @@ def _valid_t(i, j, mask_tile, cfg: _Tiling) -> Array | None:
 def _flash_backward(cfg: _Tiling, res, do):
     """Key-major backward: every tile is computed as [bk, (g, bq)] so that all five products are plain
     row-major matmuls (no transposes of a tile)."""
-    q, k, v, bias, mask, o, lse = res
+    q, k, v, bias, mask, off, o, lse = res
     B, K, G, Tp, D = q.shape
     dt = q.dtype
     delta = jnp.sum(do * o, axis=-1)  # [B, K, G, Tp]
@@ -362,7 +399,7 @@ def _flash_backward(cfg: _Tiling, res, do):
             s = lax.dot_general(kb, qb, (((3,), (4,)), batch), preferred_element_type=dt)  # [B, K, bk, G, bq]
             if bias_t is not None:
                 s = s + _tile_t(bias_t, i, j, cfg)[0]
-            valid = _valid_t(i, j, None if mask_t is None else _tile_t(mask_t, i, j, cfg)[0], cfg)
+            valid = _valid_t(i, j, None if mask_t is None else _tile_t(mask_t, i, j, cfg)[0], off, cfg)
             if valid is not None:
                 s = jnp.where(valid, s, -jnp.inf)
             p = jnp.exp(s - lse_b[:, :, None])
@@ -380,7 +417,7 @@ def _flash_backward(cfg: _Tiling, res, do):
             return dk_j, dv_j, dq_t, dbias_t
 
         init = (jnp.zeros((B, K, cfg.bk, D), dt), jnp.zeros((B, K, cfg.bk, v.shape[-1]), dt), dq_t, dbias_t)
-        dk_j, dv_j, dq_t, dbias_t = lax.fori_loop(_first_query_block(j, cfg), cfg.nq, q_step, init)
+        dk_j, dv_j, dq_t, dbias_t = lax.fori_loop(_first_query_block(j, off, cfg), cfg.nq, q_step, init)
         return (dq_t, dbias_t), (dk_j, dv_j)
 
     dbias0 = None if bias_t is None else jnp.zeros_like(bias_t)
@@ -389,17 +426,17 @@ def _flash_backward(cfg: _Tiling, res, do):
     dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
     dbias = None if dbias_t is None else dbias_t.transpose(0, 1, 3, 4, 2)
-    return dq, dk, dv, dbias, None
+    return dq, dk, dv, dbias, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, bias, mask, cfg: _Tiling):
-    return _flash_forward(q, k, v, bias, mask, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, mask, off, cfg: _Tiling):
+    return _flash_forward(q, k, v, bias, mask, off, cfg)[0]
 
 
-def _flash_fwd(q, k, v, bias, mask, cfg):
-    o, lse = _flash_forward(q, k, v, bias, mask, cfg)
-    return o, (q, k, v, bias, mask, o, lse)
+def _flash_fwd(q, k, v, bias, mask, off, cfg):
+    o, lse = _flash_forward(q, k, v, bias, mask, off, cfg)
+    return o, (q, k, v, bias, mask, off, o, lse)
 
 
 _flash.defvjp(_flash_fwd, _flash_backward)
@@ -428,6 +465,7 @@ def chunked_dot_product_attention(
     *,
     scale: float | None = None,
     is_causal: bool = False,
+    causal_offset: int | Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> Array:
@@ -448,6 +486,7 @@ def chunked_dot_product_attention(
     (1, 10, 2, 4)
     """
     _validate(query, key, value, bias, mask, "chunked", 0.0, None, True)
+    _validate_offset(causal_offset, is_causal)
     B, T, N, D = query.shape
     S, K, Dv = key.shape[1], key.shape[2], value.shape[3]
     G = N // K
@@ -467,7 +506,7 @@ def chunked_dot_product_attention(
         v = jnp.pad(v, ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
     bias5 = None if bias is None else _to_tiles5(bias.astype(cdt), N, K, T, Tp, S, Sp, 0.0)
     mask5 = _to_tiles5(mask, N, K, T, Tp, S, Sp, False)
-    o = _flash(q, k, v, bias5, mask5, cfg)  # [B, K, G, Tp, Dv]
+    o = _flash(q, k, v, bias5, mask5, _offset(causal_offset), cfg)  # [B, K, G, Tp, Dv]
     o = o[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, Dv)
     return o.astype(query.dtype)
 
@@ -477,18 +516,20 @@ def chunked_dot_product_attention(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _row_has_key(mask, is_causal, T, S) -> Array | None:
+def _row_has_key(mask) -> Array | None:
     """Boolean broadcastable to [B, T, N, 1]: does the query row attend to at least one key?"""
-    if mask is None:  # causal alone always leaves key 0 to every row
+    if mask is None:  # top-left causal alone always leaves key 0 to every row
         return None
-    valid = _as_rank4(mask)
-    if is_causal:
-        valid = valid & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
-    return jnp.any(valid, axis=-1).transpose(0, 2, 1)[..., None]  # [b, T|1, n, 1]
+    return jnp.any(_as_rank4(mask), axis=-1).transpose(0, 2, 1)[..., None]  # [b, T|1, n, 1]
 
 
-def _jax_nn(query, key, value, bias, mask, scale, is_causal, implementation):
+def _jax_nn(query, key, value, bias, mask, scale, is_causal, causal_offset, implementation):
     T, S = query.shape[1], key.shape[1]
+    if is_causal and (mask is not None or causal_offset is not None):
+        # jax.nn's causal mask is top-left only: a shifted diagonal (and the empty-row check) goes into the mask.
+        causal = _causal_valid(T, S, causal_offset)
+        mask = causal if mask is None else _as_rank4(mask) & causal
+        is_causal = False
     out = jax.nn.dot_product_attention(
         query,
         key,
@@ -499,7 +540,7 @@ def _jax_nn(query, key, value, bias, mask, scale, is_causal, implementation):
         is_causal=is_causal,
         implementation=implementation,
     )
-    has_key = _row_has_key(mask, is_causal, T, S)
+    has_key = _row_has_key(mask)
     if has_key is not None:
         out = jnp.where(has_key, out, jnp.zeros((), out.dtype))
     return out
@@ -561,6 +602,7 @@ def dot_product_attention(
     *,
     scale: float | None = None,
     is_causal: bool = False,
+    causal_offset: int | Array | None = None,
     implementation: str | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -576,8 +618,11 @@ def dot_product_attention(
       bias: optional additive logits, broadcastable to ``[B, N, T, S]``; differentiable (its gradient has its shape).
       mask: optional boolean, ``True`` = attend, broadcastable to ``[B, N, T, S]``.
       scale: logit scale, default ``1 / sqrt(D)``.
-      is_causal: query ``i`` attends keys ``j <= i`` (top-left aligned when ``T != S``, as in ``jax.nn`` and
-        ``torch``).
+      is_causal: query ``i`` attends keys ``j <= i + causal_offset`` (top-left aligned when ``T != S``, as in
+        ``jax.nn`` and ``torch``, with the default offset 0).
+      causal_offset: shifts the causal diagonal (needs ``is_causal``): ``S - T`` aligns it bottom-right (the queries
+        are the last ``T`` of ``S`` positions), a traced int32 scalar places the queries at a KV cache's fill index.
+        One offset for the whole batch.
       implementation: ``None`` (choose, see :func:`select_implementation`), ``"reference"``, ``"chunked"``,
         ``"xla"`` or ``"cudnn"`` (GPU only).
       dropout_rate: probability of dropping an attention weight (inverted dropout); active only when
@@ -600,6 +645,7 @@ def dot_product_attention(
     (2, 5, 4, 8)
     """
     _validate(query, key, value, bias, mask, implementation, dropout_rate, dropout_rng, deterministic)
+    _validate_offset(causal_offset, is_causal)
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dropout_active = dropout_rate > 0.0 and not deterministic
@@ -611,15 +657,66 @@ def dot_product_attention(
     if implementation is None:
         implementation = select_implementation(query, key, value, bias, mask, dropout_active=dropout_active)
     if dropout_active or implementation == "reference":
-        return _reference(query, key, value, bias, mask, scale, is_causal, dropout_rate, dropout_rng, deterministic)
+        return _reference(
+            query, key, value, bias, mask, scale, is_causal, causal_offset, dropout_rate, dropout_rng, deterministic
+        )
     if implementation == "chunked":
-        return chunked_dot_product_attention(query, key, value, bias, mask, scale=scale, is_causal=is_causal)
-    return _jax_nn(query, key, value, bias, mask, scale, is_causal, implementation)
+        return chunked_dot_product_attention(
+            query, key, value, bias, mask, scale=scale, is_causal=is_causal, causal_offset=causal_offset
+        )
+    return _jax_nn(query, key, value, bias, mask, scale, is_causal, causal_offset, implementation)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """The keys and values of one self-attention layer, preallocated for ``max_length`` positions: a plain pytree
+    that a jitted decoding step takes and returns (no mutable collections).
+
+    Attributes:
+      key: ``[B, max_length, K, D]``, the projected keys of positions ``0 .. index - 1`` (zeros after).
+      value: ``[B, max_length, K, Dv]``.
+      index: int32 scalar, the number of positions filled (where the next tokens go).
+
+    >>> c = KVCache.empty(batch=2, max_length=8, num_kv_heads=1, head_dim=4)
+    >>> c.key.shape, int(c.index)
+    ((2, 8, 1, 4), 0)
+    """
+
+    key: Array
+    value: Array
+    index: Array
+
+    @classmethod
+    def empty(cls, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype: Any = jnp.float32) -> KVCache:
+        """An empty cache (zeros, ``index = 0``) for ``batch`` sequences of up to ``max_length`` positions."""
+        shape = (batch, max_length, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def _append_to_cache(cache: KVCache, k: Array, v: Array) -> KVCache:
+    """Writes ``k``/``v`` ``[B, T, K, D]`` at positions ``cache.index .. cache.index + T - 1``."""
+    if cache.key.shape[0] != k.shape[0] or cache.key.shape[2:] != k.shape[2:] or cache.value.shape[3] != v.shape[3]:
+        raise ValueError(
+            f"MultiHeadAttention: the KV cache holds keys {tuple(cache.key.shape)} and values "
+            f"{tuple(cache.value.shape)} ([batch, max_length, kv_heads, head_dim]) but this step projects keys "
+            f"{tuple(k.shape)} and values {tuple(v.shape)}; make the cache for this batch size and layer "
+            "(e.g. a cache from another batch size cannot be reused)."
+        )
+    if k.shape[1] > cache.key.shape[1]:
+        raise ValueError(
+            f"MultiHeadAttention: {k.shape[1]} new positions do not fit a KV cache of max_length "
+            f"{cache.key.shape[1]}; make the cache longer."
+        )
+    start = (0, cache.index, 0, 0)
+    return KVCache(
+        lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
+        lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
+        cache.index + k.shape[1],
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -643,6 +740,19 @@ class MultiHeadAttention(nn.Module):
       kernel_init, bias_init: initialisers of the projections.
       sow_weights: if True, sow the attention probabilities ``[B, N, T, S]`` (reference path) into
         ``"intermediates"`` as ``"attention_weights"``, e.g. for attention rollout.
+
+    Decoding (all optional, keyword-only at call time):
+
+    * ``kv_cache=KVCache(...)``: self-attention over a cache. The new keys/values are written at positions
+      ``index .. index + T - 1`` and the ``T`` queries attend every filled position (with ``is_causal``, key ``j`` is
+      visible to query ``t`` when ``j <= index + t``), so a prompt of any length is prefilled in one call and then
+      one token per call. Returns ``(y, new_cache)``. ``mask``/``bias`` then span the cache's ``max_length`` keys.
+      Writing past ``max_length`` is not checked inside ``jit`` (XLA clamps the write): size the cache for the
+      prompt plus every new token.
+    * ``key_value=(k, v)``: projected keys/values ``[B, S, K, D]`` computed earlier (``return_key_value=True``),
+      used instead of projecting ``inputs_kv`` again: cross-attention keys of the image tokens computed once and
+      reused at every decoding step.
+    * ``return_key_value=True``: returns ``(y, (k, v))`` with the keys/values this call projected.
 
     >>> mha = MultiHeadAttention(num_heads=2)
     >>> x = jnp.ones((1, 3, 8))
@@ -674,15 +784,30 @@ class MultiHeadAttention(nn.Module):
         bias: Array | None = None,
         is_causal: bool = False,
         deterministic: bool = True,
-    ) -> Array:
+        kv_cache: KVCache | None = None,
+        key_value: tuple[Array, Array] | None = None,
+        return_key_value: bool = False,
+    ):
         """``inputs_q [B, T, F]``, ``inputs_kv [B, S, F']`` (default ``inputs_q``) -> ``[B, T, out_features]``.
 
+        With ``kv_cache`` returns ``(y, new_cache)``; with ``return_key_value`` returns ``(y, (k, v))`` (see the
+        class docstring).
+
         Raises:
-          ValueError: if an input is not rank 3 ``[batch, length, features]`` or the batch sizes differ.
+          ValueError: if an input is not rank 3 ``[batch, length, features]`` or the batch sizes differ, a cache
+            does not match the batch or the layer, or ``key_value`` comes with ``inputs_kv`` or a cache.
         """
+        if key_value is not None and (inputs_kv is not None or kv_cache is not None):
+            raise ValueError(
+                "MultiHeadAttention: key_value (precomputed keys/values) replaces inputs_kv and cannot be combined "
+                "with inputs_kv or kv_cache; pass one of them."
+            )
         if inputs_kv is None:
             inputs_kv = inputs_q
-        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+        checked = (
+            (("inputs_q", inputs_q),) if key_value is not None else (("inputs_q", inputs_q), ("inputs_kv", inputs_kv))
+        )
+        for name, x in checked:
             if jnp.ndim(x) != 3:
                 raise ValueError(
                     f"MultiHeadAttention: {name} must be [batch, length, features] (rank 3), got shape "
@@ -711,13 +836,37 @@ class MultiHeadAttention(nn.Module):
             bias_init=self.bias_init,
         )
         q = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
-        k = dense(features=(kv_heads, head_dim), name="key")(inputs_kv)
-        v = dense(features=(kv_heads, head_dim), name="value")(inputs_kv)
+        if key_value is None:
+            k = dense(features=(kv_heads, head_dim), name="key")(inputs_kv)
+            v = dense(features=(kv_heads, head_dim), name="value")(inputs_kv)
+        else:
+            k, v = key_value
+            if (
+                k.ndim != 4
+                or k.shape[0] != q.shape[0]
+                or k.shape[2:] != (kv_heads, head_dim)
+                or v.shape[:3] != k.shape[:3]
+            ):
+                raise ValueError(
+                    f"MultiHeadAttention: key_value has keys {jnp.shape(k)} and values {jnp.shape(v)}; expected "
+                    f"[{q.shape[0]}, S, {kv_heads}, {head_dim}] each (this layer's return_key_value=True output)."
+                )
+        projected = (k, v)
+        causal_offset = None
+        if kv_cache is not None:
+            kv_cache = _append_to_cache(kv_cache, k, v)
+            k, v = kv_cache.key, kv_cache.value
+            start = kv_cache.index - q.shape[1]
+            if is_causal:
+                causal_offset = start
+            else:  # attend the filled positions only
+                filled = (jnp.arange(k.shape[1]) < kv_cache.index)[None, None, None, :]
+                mask = filled if mask is None else _as_rank4(mask) & filled
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         dropout_active = self.dropout_rate > 0.0 and not deterministic
         rng = self.make_rng("dropout") if dropout_active else None
         if self.sow_weights:
-            w = attention_weights(q, k, bias, mask, is_causal=is_causal)
+            w = attention_weights(q, k, bias, mask, is_causal=is_causal, causal_offset=causal_offset)
             self.sow("intermediates", "attention_weights", w)
             if dropout_active:
                 keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, w.shape)
@@ -733,13 +882,14 @@ class MultiHeadAttention(nn.Module):
                 bias,
                 mask,
                 is_causal=is_causal,
+                causal_offset=causal_offset,
                 implementation=self.implementation,
                 dropout_rate=self.dropout_rate,
                 dropout_rng=rng,
                 deterministic=deterministic,
             )
         out_features = self.out_features or inputs_q.shape[-1]
-        return nn.DenseGeneral(
+        y = nn.DenseGeneral(
             features=out_features,
             axis=(-2, -1),
             use_bias=self.use_bias,
@@ -749,3 +899,8 @@ class MultiHeadAttention(nn.Module):
             bias_init=self.bias_init,
             name="out",
         )(y)
+        if kv_cache is not None:
+            return y, kv_cache
+        if return_key_value:
+            return y, projected
+        return y

@@ -115,15 +115,17 @@ def decode_variant(variant: str) -> dict[str, int]:
 class MAPHead(nn.Module):
     """Multihead attention pooling (big_vision MAPHead): a learned probe attends over the tokens, then a residual MLP.
 
-    ``p = attn(probe, x)``; ``y = p + mlp(ln(p))``; returns ``y[:, 0]``.
+    ``p = attn(probe, x)``; ``y = p + mlp(ln(p))``; returns ``y[:, 0]`` (or all ``num_queries`` rows of ``y``).
 
     Attributes:
       config: the tower's :class:`mmjax.layers.EncoderConfig`; the head uses its ``num_heads``, ``mlp_dim``,
         ``activation``, ``layer_norm_eps``, ``attention_implementation``, ``dtype`` and ``param_dtype`` (no dropout,
         full attention heads and biases).
+      num_queries: ``None`` (one probe, output ``[batch, width]``) or the number ``N`` of learned probes, output
+        ``[batch, N, width]`` (a pooler that keeps N tokens, e.g. for a captioner's cross-attention).
 
-    Input ``[batch, tokens, width]`` -> ``[batch, width]``. Parameters ``probe`` [1, 1, width], ``attn``, ``ln``,
-    ``mlp``.
+    Input ``[batch, tokens, width]`` -> ``[batch, width]`` (``[batch, N, width]``). Parameters ``probe``
+    [1, N or 1, width], ``attn``, ``ln``, ``mlp``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -135,13 +137,17 @@ class MAPHead(nn.Module):
     """
 
     config: EncoderConfig
+    num_queries: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         batch, _, width = x.shape
-        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), cfg.param_dtype)
-        probe = jnp.broadcast_to(probe.astype(x.dtype), (batch, 1, width))
+        n = 1 if self.num_queries is None else self.num_queries
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"MAPHead: num_queries must be None or a positive int, got {self.num_queries!r}.")
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, n, width), cfg.param_dtype)
+        probe = jnp.broadcast_to(probe.astype(x.dtype), (batch, n, width))
         p = MultiHeadAttention(
             num_heads=cfg.num_heads,
             implementation=cfg.attention_implementation,
@@ -151,7 +157,7 @@ class MAPHead(nn.Module):
         )(probe, x)
         y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ln")(p)
         p = p + Mlp(cfg.mlp_dim, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")(y)
-        return p[:, 0]
+        return p[:, 0] if self.num_queries is None else p
 
 
 class StemConv(nn.Module):
