@@ -711,7 +711,8 @@ def _append_to_cache(cache: KVCache, k: Array, v: Array) -> KVCache:
             f"MultiHeadAttention: {k.shape[1]} new positions do not fit a KV cache of max_length "
             f"{cache.key.shape[1]}; make the cache longer."
         )
-    start = (0, cache.index, 0, 0)
+    zero = jnp.zeros((), cache.index.dtype)
+    start = (zero, cache.index, zero, zero)
     return KVCache(
         lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
         lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),

@@ -129,3 +129,25 @@ def test_matches_jax_nn_on_rows_with_a_key(case):
         np.testing.assert_array_equal(out[~has_key], 0.0)
     if (~has_key).any():  # the documented difference: jax.nn averages v over the masked keys
         np.testing.assert_allclose(np.asarray(want)[1, 4, 0], v[1, :, 0].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,S", [(5, 19), (13, 27), (1, 17), (16, 16)])
+def test_bottom_right_causal_matches_torch_causal_lower_right(T, S):
+    """``causal_offset = S - T`` is torch's ``causal_lower_right`` (the queries are the last T of S positions):
+    outputs and gradients of every implementation, with tiles of 8 so the chunked kernel skips tiles."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    r = np.random.default_rng(T * 100 + S)
+    q, ct = (r.normal(size=(2, T, 2, 8)).astype(np.float32) for _ in range(2))
+    k, v = (r.normal(size=(2, S, 2, 8)).astype(np.float32) for _ in range(2))
+    want, want_grads = _torch(q, k, v, ct, causal_lower_right(T, S)._materialize(), None, False)
+    for impl in IMPLS:
+
+        def loss(q, k, v):
+            out = dot_product_attention(q, k, v, is_causal=True, causal_offset=S - T, implementation=impl)
+            return jnp.sum(out * ct), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6, err_msg=f"{impl} output")
+        for name, g, w in zip("qkv", grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d{name}")
