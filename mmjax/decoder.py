@@ -323,7 +323,7 @@ class TextDecoder(nn.Module):
     Two entry points:
 
     * ``decoder(tokens, encoded, *, parallel=None, train=False)`` -> ``(logits [B, T, vocab] float32,
-      intermediates)``: the teacher-forced forward over positions ``0 .. T-1``. ``parallel`` (bool ``[B]``) drops
+      intermediates)``: the teacher-forced forward (logits float32, or float64 with float64 parameters) over positions ``0 .. T-1``. ``parallel`` (bool ``[B]``) drops
       the causal mask for the marked rows (CapPa). ``intermediates`` maps ``"decoderblock_{i}"`` to each block's
       output and ``"pre_logits"`` to the normalised features.
     * ``decoder.apply(variables, tokens, cache, encoded=None, method="decode")`` -> ``(logits, new_cache)``: the
@@ -406,12 +406,11 @@ class TextDecoder(nn.Module):
         tokens = jnp.asarray(tokens)
         self._check(tokens, encoded, cache, parallel)
         B, T = tokens.shape
-        dtype = cfg.dtype or jnp.float32
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.width,
             embedding_init=nn.initializers.normal(0.02),
-            dtype=dtype,
+            dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="token_embedding",
         )
@@ -420,10 +419,11 @@ class TextDecoder(nn.Module):
         )
         start = jnp.zeros((), jnp.int32) if cache is None else cache.index
         positions = lax.dynamic_slice_in_dim(pos_table, start, T, axis=0)
-        x = embed(tokens) + positions.astype(dtype)[None]
+        x = embed(tokens)  # compute dtype: config.dtype, else the parameters' (float32, or float64 under x64)
+        x = x + positions.astype(x.dtype)[None]
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        if encoded is not None:
-            encoded = encoded.astype(dtype)
+        if encoded is not None and cfg.dtype is not None:
+            encoded = encoded.astype(cfg.dtype)
 
         mask, is_causal = None, True
         if parallel is not None:  # CapPa: marked rows see every position
@@ -459,4 +459,4 @@ class TextDecoder(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = DecoderCache(tuple(layers), tuple(cross) if cfg.cross_attention else ())
-        return logits.astype(jnp.float32), new_cache, intermediates
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), new_cache, intermediates

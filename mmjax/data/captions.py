@@ -159,6 +159,39 @@ def caption(item, colour, size, position) -> str:
     )
 
 
+def parse_caption(text: str) -> dict[str, int]:
+    """The attribute indices a (generated) caption names: ``{"item", "colour", "size", "position"}``, -1 where it
+    names none. Words are compared after :meth:`mmjax.tokenizer.WordTokenizer.split` (so ``"t - shirt"``, as a word
+    tokenizer decodes it, is ``"t-shirt"``); each attribute is read on its own (the first size and colour word, the
+    item and position names that occur, the longest when several do), so a caption off the grammar in one place
+    still counts for the attributes it gets right.
+
+    >>> parse_caption("a small red sneaker in the top left")
+    {'item': 7, 'colour': 0, 'size': 0, 'position': 0}
+    >>> parse_caption("a large white t - shirt in the")
+    {'item': 0, 'colour': 7, 'size': 1, 'position': -1}
+    """
+    from mmjax.tokenizer import WordTokenizer
+
+    words = WordTokenizer.split(text)
+
+    def find(names):
+        best, best_len = -1, 0
+        for index, name in enumerate(names):
+            target = WordTokenizer.split(name)
+            n = len(target)
+            if n > best_len and any(words[i : i + n] == target for i in range(len(words) - n + 1)):
+                best, best_len = index, n
+        return best
+
+    position_words = words[words.index("the") + 1 :] if "the" in words else []
+    position = -1
+    for index, name in enumerate(POSITION_NAMES):
+        if position_words == WordTokenizer.split(name):
+            position = index
+    return {"item": find(ITEM_NAMES), "colour": find(COLOUR_NAMES), "size": find(SIZE_NAMES), "position": position}
+
+
 def combo_names(combos=HELDOUT_COMBOS) -> list[str]:
     """Class names ``"colour item"`` for zero-shot classification over (colour, item) combinations.
 

@@ -83,7 +83,17 @@ from mmjax.tokenizer import CLIPTokenizer, WordTokenizer
 from mmjax.train import storage
 from mmjax.train.parallel import split_micro_batches
 
-__all__ = ["ContrastiveTask", "grad_cache", "frozen_labels", "freeze", "read_vocab", "FROZEN_IMAGE_TOWER", "VOCAB_FILE"]
+__all__ = [
+    "ContrastiveTask",
+    "ImageTextData",
+    "caption_sources",
+    "grad_cache",
+    "frozen_labels",
+    "freeze",
+    "read_vocab",
+    "FROZEN_IMAGE_TOWER",
+    "VOCAB_FILE",
+]
 
 #: The run's word vocabulary, in ``workdir`` (see :meth:`ContrastiveTask._word_tokenizer`).
 VOCAB_FILE = "vocab.json"
@@ -331,7 +341,156 @@ def _bpe_tokenizer(bpe_path) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(local if remote.is_dir() else target)
 
 
-class ContrastiveTask:
+def caption_sources(d) -> dict[str, Any]:
+    """The image-text sources of ``config.data`` (``d``): ``{"train_source", "eval_source", "group_sizes",
+    "vocab_texts"}``. For the Fashion-MNIST captions the evaluation source is the test split followed by the held-out
+    (colour, item) combinations, with the attributes ``item``, ``colour``, ``size``, ``position`` and ``group``
+    (0 test, 1 held-out) and ``group_sizes`` their sizes; ``vocab_texts`` are the captions the word tokenizer is built
+    from (``None``: read lazily). Shared by the tasks that train on image-caption data (contrastive, captioning).
+
+    >>> import os, tempfile, ml_collections
+    >>> from mmjax.data import write_idx
+    >>> data = tempfile.mkdtemp()
+    >>> for prefix in ("train", "t10k"):  # one image of each of the ten items
+    ...     write_idx(os.path.join(data, f"{prefix}-images-idx3-ubyte"), np.full((10, 28, 28), 200, np.uint8))
+    ...     write_idx(os.path.join(data, f"{prefix}-labels-idx1-ubyte"), np.arange(10, dtype=np.uint8))
+    >>> d = ml_collections.ConfigDict({**_DATA_DEFAULTS, "data_dir": data, "image_size": 16, "num_test": 4,
+    ...                                 "num_heldout": 4})
+    >>> s = caption_sources(d)
+    >>> len(s["train_source"]), len(s["eval_source"]), s["group_sizes"]
+    (10, 8, [4, 4])
+    """
+    size = int(d.image_size)
+    group_sizes = None
+    if d.name == "fashion_mnist_captions":
+        from mmjax.data.captions import make_captions
+
+        train_source = image_text.fashion_mnist_captions(
+            "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None
+        )
+        parts = [
+            make_captions(s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None)
+            for s, n in (("test", d.num_test), ("heldout", d.num_heldout))
+        ]
+        group_sizes = [len(p.captions) for p in parts]
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+        group = np.repeat(np.arange(2, dtype=np.int32), group_sizes)
+        eval_source = image_text.ArrayImageText(
+            cat("images"),
+            parts[0].captions + parts[1].captions,
+            item=cat("item"),
+            colour=cat("colour"),
+            size=cat("size"),
+            position=cat("position"),
+            group=group,
+        )
+        vocab_texts = train_source.all_captions()
+    elif d.name == "folder":
+        if not d.data_dir:
+            raise UserError("config.data.name='folder' needs config.data.data_dir (a folder of images)")
+        train_source = image_text.FolderImageText(d.data_dir, d.captions_file or None, size)
+        eval_file = d.eval_captions_file or d.captions_file or None
+        eval_source = image_text.FolderImageText(d.data_dir, eval_file, size)
+        vocab_texts = train_source.all_captions()
+    else:
+        if not d.tfds_name:
+            raise UserError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
+        kw = dict(data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key, image_size=size)
+        train_source = image_text.TFDSImageText(d.tfds_name, d.train_split, **kw)
+        eval_source = image_text.TFDSImageText(d.tfds_name, d.eval_split, **kw)
+        vocab_texts = None  # read lazily, only for the word tokenizer
+    return dict(train_source=train_source, eval_source=eval_source, group_sizes=group_sizes, vocab_texts=vocab_texts)
+
+
+class ImageTextData:
+    """The image-caption data side shared by the tasks that train on it (:class:`ContrastiveTask`,
+    :class:`mmjax.train.captioning.CaptioningTask`): sources (:func:`caption_sources`), the run's word tokenizer,
+    host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` (grouped by attributes when
+    ``config.data.groups_per_batch`` is set), evaluation batches with ``mask`` and the attributes, and the image
+    normalisation (``colour_space``, ``mean``, ``std``).
+
+    A subclass sets ``config``, ``workdir``, ``data_cfg``, ``batch_size``, ``eval_batch_size``, ``seed``, ``mean``,
+    ``std`` (then calls ``_load_data()`` and ``_grouping()``) and ``tokenizer`` / ``context_length``.
+
+    >>> sorted(m for m in vars(ImageTextData) if not m.startswith("__"))[:4]
+    ['_grouping', '_host_batch', '_images', '_load_data']
+    """
+
+    def _load_data(self):
+        for name, value in caption_sources(self.data_cfg).items():
+            setattr(self, name, value)
+        self.num_train_examples = len(self.train_source)
+        self.has_attributes = "group" in self.eval_source[0]
+
+    def _word_tokenizer(self) -> WordTokenizer:
+        """The run's word vocabulary (:func:`run_word_tokenizer`), from the training captions."""
+        texts = self.vocab_texts
+        if texts is None:
+            texts = lambda: self.train_source.all_captions(int(self.data_cfg.vocab_examples))  # noqa: E731
+        return run_word_tokenizer(self.workdir, texts)
+
+    def _host_batch(self, batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k != "caption"}
+        out["ids"] = self.tokenizer(batch["caption"], context_length=self.context_length)
+        return out
+
+    def train_batches(self, start_step: int):
+        """Host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` from ``start_step``."""
+        for batch in image_text.train_batches(
+            self.train_source, self.batch_size, self.seed, start_step, **self._batch_grouping
+        ):
+            yield {"image": batch["image"], "ids": self._host_batch(batch)["ids"]}
+
+    def _grouping(self) -> dict:
+        """``train_batches`` keywords for ``config.data.groups_per_batch``: Fashion-MNIST captions grouped by the
+        attributes ``config.data.group_by`` (by default colour, size and position: the captions of a group differ
+        only in the item word, hard negatives for the item)."""
+        d = self.data_cfg
+        g = d.groups_per_batch
+        if not g:
+            return {}
+        if d.name != "fashion_mnist_captions":
+            raise UserError(
+                f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
+                f"it is not available for data.name={d.name!r} (set it to 0)"
+            )
+        from mmjax.data.captions import ATTRIBUTES
+
+        def cells(keys, what):
+            keys = tuple(keys)
+            empty = what == "group_by" and not keys
+            if empty or any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys):
+                raise UserError(
+                    f"config.data.{what}={keys!r} must be distinct attribute names from "
+                    f"{list(ATTRIBUTES)}, e.g. ('size', 'position')"
+                )
+            cell = np.zeros(len(self.train_source), np.int64)
+            for k in keys:
+                cell = cell * len(ATTRIBUTES[k]) + self.train_source.extras[k]
+            return cell
+
+        out = dict(groups=cells(d.group_by, "group_by"), groups_per_batch=g)
+        if tuple(d.subgroup_by):
+            out.update(subgroups=cells(d.subgroup_by, "subgroup_by"), subgroups_per_group=d.subgroups_per_group)
+        return out
+
+    def eval_batches(self):
+        """Ordered evaluation batches (first caption of each example), the last one padded, with ``mask``."""
+        for batch in image_text.eval_batches(self.eval_source, self.eval_batch_size):
+            yield self._host_batch(batch)
+
+    def example_count(self, batch) -> int:
+        """Real pairs in a host batch."""
+        return int(np.sum(batch["mask"])) if "mask" in batch else int(np.shape(batch["image"])[0])
+
+    def _images(self, images):
+        x = images.astype(jnp.float32) / 255.0
+        if self.data_cfg.colour_space == "hsv":
+            x = pix.rgb_to_hsv(x)
+        return (x - self.mean) / self.std
+
+
+class ContrastiveTask(ImageTextData):
     """Trains a :class:`mmjax.clip.CLIP` with a contrastive loss (see the module docstring for the options).
 
     Batches: ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` (evaluation adds ``mask`` and, for the
@@ -428,49 +587,6 @@ class ContrastiveTask:
         self._prompts = self._build_prompts()
 
     # -- data ---------------------------------------------------------------------------------------------------
-    def _load_data(self):
-        d = self.data_cfg
-        size = int(d.image_size)
-        if d.name == "fashion_mnist_captions":
-            from mmjax.data.captions import make_captions
-
-            self.train_source = image_text.fashion_mnist_captions(
-                "train", int(d.num_train) or None, int(d.data_seed), size, d.data_dir or None
-            )
-            parts = [
-                make_captions(s, int(n) or None, int(d.data_seed), image_size=size, data_dir=d.data_dir or None)
-                for s, n in (("test", d.num_test), ("heldout", d.num_heldout))
-            ]
-            self.group_sizes = [len(p.captions) for p in parts]
-            cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
-            group = np.repeat(np.arange(2, dtype=np.int32), self.group_sizes)
-            self.eval_source = image_text.ArrayImageText(
-                cat("images"),
-                parts[0].captions + parts[1].captions,
-                item=cat("item"),
-                colour=cat("colour"),
-                size=cat("size"),
-                position=cat("position"),
-                group=group,
-            )
-            self.vocab_texts = self.train_source.all_captions()
-        elif d.name == "folder":
-            if not d.data_dir:
-                raise UserError("config.data.name='folder' needs config.data.data_dir (a folder of images)")
-            self.train_source = image_text.FolderImageText(d.data_dir, d.captions_file or None, size)
-            eval_file = d.eval_captions_file or d.captions_file or None
-            self.eval_source = image_text.FolderImageText(d.data_dir, eval_file, size)
-            self.vocab_texts = self.train_source.all_captions()
-        else:
-            if not d.tfds_name:
-                raise UserError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
-            kw = dict(data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key, image_size=size)
-            self.train_source = image_text.TFDSImageText(d.tfds_name, d.train_split, **kw)
-            self.eval_source = image_text.TFDSImageText(d.tfds_name, d.eval_split, **kw)
-            self.vocab_texts = None  # read lazily, only for the word tokenizer
-        self.num_train_examples = len(self.train_source)
-        self.has_attributes = "group" in self.eval_source[0]
-
     def _build_model(self, m):
         m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
         name = m.get("name", "clip")
@@ -510,74 +626,7 @@ class ContrastiveTask:
         self.context_length = self.clip_config.context_length
         self.model = CLIP(self.clip_config, dtype=_dtype(m.get("dtype", "float32")))
 
-    def _word_tokenizer(self) -> WordTokenizer:
-        """The run's word vocabulary (:func:`run_word_tokenizer`), from the training captions."""
-        texts = self.vocab_texts
-        if texts is None:
-            texts = lambda: self.train_source.all_captions(int(self.data_cfg.vocab_examples))  # noqa: E731
-        return run_word_tokenizer(self.workdir, texts)
-
-    def _host_batch(self, batch: dict) -> dict:
-        out = {k: v for k, v in batch.items() if k != "caption"}
-        out["ids"] = self.tokenizer(batch["caption"], context_length=self.context_length)
-        return out
-
-    def train_batches(self, start_step: int):
-        """Host batches ``{"image": uint8 [b, S, S, 3], "ids": int32 [b, L]}`` from ``start_step``."""
-        for batch in image_text.train_batches(
-            self.train_source, self.batch_size, self.seed, start_step, **self._batch_grouping
-        ):
-            yield {"image": batch["image"], "ids": self._host_batch(batch)["ids"]}
-
-    def _grouping(self) -> dict:
-        """``train_batches`` keywords for ``config.data.groups_per_batch``: Fashion-MNIST captions grouped by the
-        attributes ``config.data.group_by`` (by default colour, size and position: the captions of a group differ
-        only in the item word, hard negatives for the item)."""
-        d = self.data_cfg
-        g = d.groups_per_batch
-        if not g:
-            return {}
-        if d.name != "fashion_mnist_captions":
-            raise UserError(
-                f"config.data.groups_per_batch={g!r} groups Fashion-MNIST captions by their attributes; "
-                f"it is not available for data.name={d.name!r} (set it to 0)"
-            )
-        from mmjax.data.captions import ATTRIBUTES
-
-        def cells(keys, what):
-            keys = tuple(keys)
-            empty = what == "group_by" and not keys
-            if empty or any(k not in ATTRIBUTES for k in keys) or len(set(keys)) != len(keys):
-                raise UserError(
-                    f"config.data.{what}={keys!r} must be distinct attribute names from "
-                    f"{list(ATTRIBUTES)}, e.g. ('size', 'position')"
-                )
-            cell = np.zeros(len(self.train_source), np.int64)
-            for k in keys:
-                cell = cell * len(ATTRIBUTES[k]) + self.train_source.extras[k]
-            return cell
-
-        out = dict(groups=cells(d.group_by, "group_by"), groups_per_batch=g)
-        if tuple(d.subgroup_by):
-            out.update(subgroups=cells(d.subgroup_by, "subgroup_by"), subgroups_per_group=d.subgroups_per_group)
-        return out
-
-    def eval_batches(self):
-        """Ordered evaluation batches (first caption of each example), the last one padded, with ``mask``."""
-        for batch in image_text.eval_batches(self.eval_source, self.eval_batch_size):
-            yield self._host_batch(batch)
-
-    def example_count(self, batch) -> int:
-        """Real pairs in a host batch."""
-        return int(np.sum(batch["mask"])) if "mask" in batch else int(np.shape(batch["image"])[0])
-
     # -- model --------------------------------------------------------------------------------------------------
-    def _images(self, images):
-        x = images.astype(jnp.float32) / 255.0
-        if self.data_cfg.colour_space == "hsv":
-            x = pix.rgb_to_hsv(x)
-        return (x - self.mean) / self.std
-
     def init_params(self, rng, batch):
         """Initial CLIP params (shapes from one host batch)."""
         images, ids = self._images(jnp.asarray(batch["image"][:1])), jnp.asarray(batch["ids"][:1])

@@ -120,6 +120,7 @@ TASKS: dict[str, str] = {
     "contrastive": "mmjax.train.contrastive:ContrastiveTask",
     "node_classification": "mmjax.train.node_classification:NodeClassificationTask",
     "diffusion": "mmjax.train.diffusion:DiffusionTask",
+    "captioning": "mmjax.train.captioning:CaptioningTask",
 }
 
 

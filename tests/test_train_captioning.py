@@ -1,0 +1,214 @@
+"""The captioning task (mmjax.train.captioning) through the engine: the loss is the token cross-entropy of the
+global batch, parallel modes agree (float64 proof, float32 bound), a preempted run resumes bit-exactly, greedy
+evaluation agrees with mmjax.generate, the final report parses its captions, bad settings are refused."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmjax.data.captions import parse_caption
+from mmjax.errors import ConfigError
+from mmjax.keypath import set_path
+from mmjax.train import make_task, prepare_config, train_and_evaluate
+from mmjax.train.captioning import CaptioningTask
+from mmjax.train.checkpoint import Checkpointer
+from tests.test_train_task import run
+from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
+
+SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
+
+
+def _config(**overrides) -> dict:
+    config = {
+        "task": "captioning",
+        "seed": 0,
+        "model": {
+            "vision_width": 16,
+            "vision_depth": 1,
+            "vision_num_heads": 2,
+            "vision_mlp_dim": 32,
+            "vision_stem_features": (8, 16),
+            "decoder_width": 16,
+            "decoder_depth": 1,
+            "decoder_num_heads": 2,
+            "decoder_mlp_dim": 32,
+        },
+        "data": {"image_size": 16, "num_train": 64, "num_test": 8, "num_heldout": 8},
+        "captioning": {"scoring_examples": 4},
+        "batch_size": 16,
+        "eval_batch_size": 8,
+        "num_steps": 6,
+        "optimizer": {"lr": 3e-3, "warmup_steps": 0},
+        "log_every": 3,
+        "checkpoint_every": 2,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
+    }
+    for key, value in overrides.items():
+        set_path(config, key, value)
+    return config
+
+
+class SigtermCaptioningTask(CaptioningTask):
+    """Sends itself SIGTERM while loading the batch of step ``$MMJAX_TEST_SIGTERM_AT_STEP`` (1-based), so the run
+    stops after that step as a preempted job does."""
+
+    def train_batches(self, start_step):
+        stop = int(os.environ.get(SIGTERM_ENV, "0"))
+        for step, batch in enumerate(super().train_batches(start_step), start=start_step + 1):
+            if step == stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def test_the_loss_is_the_token_cross_entropy_over_non_pad_targets():
+    task = make_task(prepare_config(_config()))
+    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
+    params = task.init_params(jax.random.key(0), batch)
+    loss, metrics = task.loss(params, batch, jax.random.key(1), train=False)
+    ids = batch["ids"]
+    logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), ids[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    weights = ids[:, 1:] != task.tokenizer.pad_id
+    assert weights.sum() < weights.size  # padding exists and is excluded; the end-of-text token counts
+    assert np.all(np.asarray(weights.sum(1)) == np.asarray((ids != 0).sum(1) - 1))
+    np.testing.assert_allclose(float(loss), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-6)
+    assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
+
+
+def test_cappa_rows_read_only_mask_tokens_and_see_every_position():
+    task = make_task(prepare_config(_config(**{"captioning.masked_pred_prob": 1.0})))
+    cfg = task.model.decoder
+    assert cfg.mask_id == task.tokenizer.vocab_size and cfg.vocab_size == task.tokenizer.vocab_size + 1
+    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
+    params = task.init_params(jax.random.key(0), batch)
+    loss, metrics = task.loss(params, batch, jax.random.key(1), train=True)
+    assert float(metrics["parallel_fraction"]) == 1.0
+    inputs = jnp.full_like(batch["ids"][:, :-1], cfg.mask_id)
+    parallel = jnp.ones((inputs.shape[0],), bool)
+    logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), inputs, parallel=parallel)
+    targets = batch["ids"][:, 1:]
+    weights = (targets != cfg.pad_id).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(float(loss), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-6)
+    no_cappa, _ = task.loss(params, batch, jax.random.key(1), train=False)  # evaluation is always autoregressive
+    assert abs(float(no_cappa) - float(loss)) > 1e-4
+
+
+def test_parallel_modes_agree_in_float64_and_float32():
+    """single / pmap (8 devices, each device's loss weighted by its share of the global tokens) / sharded: one
+    optimizer step from the same params. Adam eps 1e-2 (as tests/test_multihost.py): the attention key biases have
+    identically-zero gradients, and with a tiny eps Adam would turn their round-off into steps of up to lr."""
+    config = prepare_config(_config(batch_size=16))
+    opt = {"eps": 1e-2, "grad_clip": 1.0}
+
+    def in_float64(t):
+        batches, init = t.train_batches, t.init_params
+        t.train_batches = lambda start: (to_float64(b) for b in batches(start))
+        t.init_params = lambda rng, batch: to_float64(init(rng, batch))
+        return t
+
+    with float64():  # the equality itself
+        reference64 = run(in_float64(make_task(config)), "single", steps=1, **opt)
+        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
+        for mode in ("pmap", "sharded"):
+            got = run(in_float64(make_task(config)), mode, steps=1, **opt)
+            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
+    reference = run(make_task(config), "single", steps=1, **opt)
+    # gradient entries are clipped to global norm 1; their float32 round-off between layouts: a sum over the
+    # batch's 16 x 11 tokens through a few layers (sqrt growth for terms of both signs)
+    dg = float32_atol(1.0, terms=4 * np.sqrt(16 * 11))
+    for mode in ("pmap", "sharded"):
+        got = run(make_task(config), mode, steps=1, **opt)
+        for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
+            atol = adam_params_atol(steps=1, lr=0.05, adam_eps=1e-2, grad_atol=dg, param_scale=np.abs(want).max())
+            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
+
+
+def _saved(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    tree = ckpt._manager.restore(ckpt.latest_step())
+    ckpt.close()
+    return jax.device_get(tree)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("captioning") / "run")
+    return workdir, train_and_evaluate(_config(), workdir)
+
+
+def test_a_preempted_run_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
+    reference_dir, reference = tiny_run
+    config = _config(task="tests.test_train_captioning:SigtermCaptioningTask", **{"captioning.final_report": False})
+    workdir = str(tmp_path / "interrupted")
+    monkeypatch.setenv(SIGTERM_ENV, "3")  # stops after step 3, between the checkpoints of steps 2 and 4
+    first = train_and_evaluate(config, workdir)
+    assert first["preempted"] is True and first["step"] == 3
+    monkeypatch.delenv(SIGTERM_ENV)
+    resumed = train_and_evaluate(config, workdir)
+    assert resumed["step"] == 6
+    got, want = _saved(workdir), _saved(reference_dir)
+    for tree in ("params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, got[tree], want[tree])
+    assert resumed["eval_loss"] == reference["eval_loss"]
+
+
+def test_the_report_scores_the_generated_captions(tiny_run):
+    workdir, result = tiny_run
+    for prefix in ("", "heldout_"):
+        for key in ("exact_match", "bleu4", "cider_d", "item_accuracy", "colour_accuracy", "size_accuracy"):
+            assert 0.0 <= result[f"eval_{prefix}{key}"] <= (10.0 if key == "cider_d" else 1.0), key
+    assert result["eval_scoring_classifier_examples"] == 4
+    with open(os.path.join(workdir, "captions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 16 and {r["group"] for r in rows} == {0, 1}
+    # the report's item accuracy is the parsed captions' (recomputed here from the saved file)
+    task = make_task(prepare_config(_config()), workdir=workdir)
+    items = task.eval_source.extras["item"]
+    test_rows = [r for r in rows if r["group"] == 0]
+    want = np.mean([parse_caption(r["generated"])["item"] == items[r["index"]] for r in test_rows])
+    assert result["eval_item_accuracy"] == pytest.approx(want)
+    assert open(result["eval_caption_grid_png"], "rb").read(4) == b"\x89PNG"
+
+
+def test_greedy_evaluation_equals_mmjax_generate(tiny_run):
+    from mmjax.generate import generate
+
+    workdir, _ = tiny_run
+    task = make_task(prepare_config(_config()), workdir=workdir)
+    params = _saved(workdir)["params"]
+    batch = jax.tree.map(jnp.asarray, next(iter(task.eval_batches())))
+    images = task._images(batch["image"])
+    ours = np.asarray(jax.jit(task._greedy_ids)(params, images))
+    out = generate(task.model, params, images, max_new_tokens=task.context_length - 1)
+    seqs = np.asarray(out.sequences)[:, 1:]  # drop the start token; generate trims to the longest caption
+    np.testing.assert_array_equal(ours[:, : seqs.shape[1]], seqs)
+    assert np.all(ours[:, seqs.shape[1] :] == task.tokenizer.pad_id)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("captioning.masked_pred_prob", 1.5, "masked_pred_prob=1.5 must be in"),
+        ("captioning.num_beams", 0, "num_beams=0 must be an int >= 1"),
+        ("captioning.label_smoothing", 1.0, "label_smoothing=1.0 must be in"),
+        ("model.decoder_width", 15, "not divisible by num_heads"),
+        ("model.name", "clip", "not valid for the captioning task"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_value(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        make_task(prepare_config(_config(**{key: value})))
+
+
+def test_a_typo_in_the_model_section_names_the_closest_key():
+    with pytest.raises(ConfigError, match="decoder_width"):
+        prepare_config(_config(**{"model.decoder_widht": 16}))
