@@ -38,6 +38,7 @@ __all__ = [
 CONVERTERS: dict[str, str | Callable[..., Any]] = {
     "vit": "mmjax.convert.hf_vit:from_hf_state_dict",
     "clip": "mmjax.convert.hf_clip:from_hf_state_dict",
+    "vision-encoder-decoder": "mmjax.convert.hf_vision_encoder_decoder:from_hf_state_dict",
 }
 
 
@@ -82,7 +83,7 @@ def from_hf(source: Any, config: Any = None, **model_options: Any) -> tuple[Any,
     * a local directory (``str`` / ``PathLike``) with ``config.json`` and ``model.safetensors`` (or a sharded
       index, or ``pytorch_model.bin`` when torch is installed);
     * a ``transformers`` model instance (anything with ``state_dict()`` and ``config``), e.g. ``ViTModel``,
-      ``ViTForImageClassification``;
+      ``ViTForImageClassification``, ``CLIPModel``, ``VisionEncoderDecoderModel`` (ViT + GPT-2);
     * a state dict ``{name: tensor or array}`` with ``config`` given (dict or ``transformers`` config), or a
       ``(state_dict, config)`` tuple.
 
