@@ -93,7 +93,7 @@ import numpy as np
 
 from mmjax.errors import UserError
 
-__all__ = ["GenerateOutput", "generate", "log_likelihood"]
+__all__ = ["GenerateOutput", "generate", "log_likelihood", "parallel_decode"]
 
 Array = jax.Array
 
@@ -661,3 +661,76 @@ def _tiny_model():
     images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     params = jax.jit(model.init)(jax.random.key(0), images, jnp.ones((2, 2), jnp.int32))["params"]
     return model, params, images
+
+
+@functools.lru_cache(maxsize=32)
+def _parallel_program(model, length: int):
+    def run(params, images):
+        cfg = model.decoder
+        encoded = model.apply({"params": params}, images, method="encode")
+        B = images.shape[0]
+        inputs = jnp.full((B, length), cfg.mask_id, jnp.int32)
+        logits, _ = model.apply({"params": params}, inputs, encoded, jnp.ones((B,), bool), method=_parallel_logits)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        tokens = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        ended = jnp.cumsum(tokens == cfg.eos_id, axis=1) - (tokens == cfg.eos_id) > 0  # after the first eos
+        tokens = jnp.where(ended, cfg.pad_id, tokens)
+        picked = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+        score = jnp.sum(jnp.where(ended, 0.0, picked), axis=1)
+        start = jnp.full((B, 1), cfg.bos_id, jnp.int32)
+        return jnp.concatenate([start, tokens], axis=1), score
+
+    return jax.jit(run)
+
+
+def _parallel_logits(module, tokens, encoded, parallel):
+    return module.text_decoder(tokens, encoded, parallel=parallel)
+
+
+def parallel_decode(model, params, images, *, length: int | None = None) -> GenerateOutput:
+    """CapPa's parallel decoding: every caption position predicted at once from the image alone.
+
+    The decoder reads ``[MASK]`` (``model.decoder.mask_id``) at all ``length`` positions with no causal mask (the
+    inputs the task's ``masked_pred_prob`` rows are trained on) and each position takes its argmax; tokens after
+    the first end-of-text become ``pad_id``. One forward pass, no cache; the prediction of a word does not depend on
+    the words before it, so no language prior over the caption can override what the image shows. Needs a model
+    trained with parallel prediction (Tschannen et al., "Image Captioners Are Scalable Vision Learners Too", 2023).
+
+    Args:
+      model: a :class:`mmjax.captioner.Captioner` whose decoder has a ``mask_id``.
+      params: its parameters.
+      images: ``[batch, height, width, channels]`` floating, normalised as for training.
+      length: caption positions to predict (default ``model.decoder.max_length - 1``).
+
+    Returns:
+      :class:`GenerateOutput`: ``sequences [batch, 1 + length]`` (start token first, pad after end-of-text, not
+      trimmed) and ``scores`` (the summed log-probabilities of the kept tokens).
+
+    Raises:
+      UserError: a decoder without ``mask_id``, a ``length`` outside ``[1, max_length - 1]``, bad images.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mmjax.captioner import Captioner
+      >>> from mmjax.decoder import DecoderConfig
+      >>> from mmjax.vit import ViT
+      >>> vit = ViT(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, num_classes=0, pool_type="gap")
+      >>> cfg = DecoderConfig(vocab_size=9, width=8, depth=1, num_heads=2, mlp_dim=16, max_length=6, mask_id=8)
+      >>> model = Captioner(vision=vit, decoder=cfg)
+      >>> images = jnp.zeros((2, 8, 8, 3))
+      >>> params = model.init(jax.random.key(0), images, jnp.ones((2, 5), jnp.int32))["params"]
+      >>> parallel_decode(model, params, images).sequences.shape
+      (2, 6)
+    """
+    cfg = _config(model)
+    _check_images(model, images)
+    if cfg.mask_id is None:
+        raise UserError(
+            "parallel_decode needs a decoder trained with parallel prediction: model.decoder.mask_id is None (train "
+            "with config.captioning.masked_pred_prob > 0), or use generate()."
+        )
+    length = cfg.max_length - 1 if length is None else length
+    if not isinstance(length, int) or not 1 <= length <= cfg.max_length - 1:
+        raise UserError(f"length={length!r} must be an int in [1, {cfg.max_length - 1}] (max_length - 1).")
+    sequences, scores = _parallel_program(model, length)(params, jnp.asarray(images))
+    return GenerateOutput(np.asarray(sequences), np.asarray(scores))

@@ -412,3 +412,37 @@ def test_repeated_calls_do_not_retrace():
     assert dict(gen._TRACES) == before
     generate(model, params, images, max_new_tokens=NEW - 1)  # a new static option compiles a new program
     assert gen._TRACES["sample"] == before["sample"] + 1
+
+
+def test_parallel_decode_is_one_masked_non_causal_forward():
+    """CapPa's parallel decoding: argmax of the decoder over all-[MASK] inputs with no causal mask, pad after the
+    first end-of-text; its score sums the kept tokens' log-probabilities. A model without mask_id is refused."""
+    from mmjax.generate import parallel_decode
+
+    model = Captioner(vision=MODEL.vision, decoder=MODEL.decoder.replace(mask_id=VOCAB - 1))
+    c = model.decoder
+    images = jax.random.normal(jax.random.key(7), (3, 8, 8, 3))
+    params = jax.jit(lambda k: model.init(k, images, jnp.ones((3, 3), jnp.int32))["params"])(jax.random.key(3))
+    head = params["text_decoder"]["head"]
+    params["text_decoder"]["head"] = {**head, "bias": head["bias"].at[c.eos_id].add(2.5)}  # some rows end early
+    out = parallel_decode(model, params, images, length=8)
+    inputs = jnp.full((3, 8), c.mask_id, jnp.int32)
+    logits, _ = model.apply({"params": params}, images, inputs, parallel=jnp.ones((3,), bool))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
+    want = np.argmax(logp, -1)
+    assert out.sequences.shape == (3, 9) and np.all(out.sequences[:, 0] == c.bos_id)
+    ended = 0
+    for row, tokens in enumerate(want):
+        stop = list(tokens).index(c.eos_id) + 1 if c.eos_id in tokens else len(tokens)
+        ended += stop < len(tokens)
+        np.testing.assert_array_equal(out.sequences[row, 1 : 1 + stop], tokens[:stop])
+        assert np.all(out.sequences[row, 1 + stop :] == c.pad_id)
+        assert_float32_close(out.scores[row], logp[row, np.arange(stop), tokens[:stop]].sum(), terms=8 * VOCAB)
+    assert ended >= 1
+    # a causal decoder reading the same inputs predicts otherwise: the parallel mask matters
+    causal, _ = model.apply({"params": params}, images, inputs)
+    assert np.abs(np.asarray(causal) - np.asarray(logits)).max() > 1e-3
+    with pytest.raises(ValueError, match="mask_id is None"):
+        parallel_decode(MODEL, _model(0)[1], images)
+    with pytest.raises(ValueError, match="length=16 must be an int in"):
+        parallel_decode(model, params, images, length=16)

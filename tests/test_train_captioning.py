@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from mmjax.data.captions import parse_caption
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
 from mmjax.train.captioning import CaptioningTask
@@ -202,10 +202,12 @@ def test_greedy_evaluation_equals_mmjax_generate(tiny_run):
         ("captioning.label_smoothing", 1.0, "label_smoothing=1.0 must be in"),
         ("model.decoder_width", 15, "not divisible by num_heads"),
         ("model.name", "clip", "not valid for the captioning task"),
+        ("captioning.decode", "parallel", "masked_pred_prob > 0"),
+        ("captioning.decode", "beam", "valid choices"),
     ],
 )
 def test_bad_settings_are_refused_with_the_value(key, value, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(UserError, match=match):
         make_task(prepare_config(_config(**{key: value})))
 
 

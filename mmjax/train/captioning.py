@@ -60,13 +60,16 @@ from mmjax.train.contrastive import (
 )
 from mmjax.vit import ViT
 
-__all__ = ["CaptioningTask", "captioner_from_config"]
+__all__ = ["CaptioningTask", "captioner_from_config", "DECODE_MODES"]
+
+DECODE_MODES = ("autoregressive", "parallel")
 
 _CAPTIONING_DEFAULTS = dict(
     label_smoothing=0.0,
     masked_pred_prob=0.0,
     num_beams=1,
     length_penalty=1.0,
+    decode="autoregressive",  # or "parallel" (CapPa's parallel decoding; needs masked_pred_prob > 0)
     final_report=True,
     scoring_examples=500,  # test images the scoring classifier reads (it scores 800 prompts per image)
 )
@@ -219,6 +222,12 @@ class CaptioningTask(ImageTextData):
             raise ConfigError(f"config.captioning.masked_pred_prob={o.masked_pred_prob!r} must be in [0, 1]")
         if not isinstance(o.num_beams, int) or o.num_beams < 1:
             raise ConfigError(f"config.captioning.num_beams={o.num_beams!r} must be an int >= 1 (1: greedy)")
+        _check_choice("captioning.decode", o.decode, DECODE_MODES)
+        if o.decode == "parallel" and not float(o.masked_pred_prob) > 0:
+            raise ConfigError(
+                "config.captioning.decode='parallel' predicts every position from [MASK] inputs, which only a decoder "
+                "trained with parallel prediction can do: set config.captioning.masked_pred_prob > 0 (CapPa: 0.75)"
+            )
         self.batch_size, self.eval_batch_size = int(config.batch_size), int(config.eval_batch_size)
         self.seed = int(config.seed)
         self.mean, self.std = _per_channel("mean", d.mean), _per_channel("std", d.std)
@@ -294,6 +303,16 @@ class CaptioningTask(ImageTextData):
         _, tokens = jax.lax.scan(step, (logits, cache, jnp.zeros((B,), bool)), None, length=steps)
         return tokens.T
 
+    def _parallel_ids(self, params, images):
+        """CapPa's parallel decoding inside a compiled step: ``[B, L - 1]`` ids, ``pad`` after the end of text."""
+        cfg = self.model.decoder
+        B, length = images.shape[0], self.context_length - 1
+        inputs = jnp.full((B, length), cfg.mask_id, jnp.int32)
+        logits, _ = self.model.apply({"params": params}, images, inputs, parallel=jnp.ones((B,), bool))
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        is_eos = tokens == cfg.eos_id
+        return jnp.where(jnp.cumsum(is_eos, axis=1) - is_eos > 0, cfg.pad_id, tokens)
+
     def eval_metrics(self, params, batch, *, axis_name=None):
         """Sums over the real rows of one eval batch: ``loss``, ``token_accuracy`` (teacher forcing) and the greedy
         ``exact_match`` (test split) / ``heldout_exact_match`` (held-out combinations) for the captions data."""
@@ -305,26 +324,30 @@ class CaptioningTask(ImageTextData):
         tokens = jnp.maximum(jnp.sum(weights, -1), 1.0)
         ce = jax.vmap(lambda lg, t, w: softmax_cross_entropy(lg, t, where=w))(logits, targets, weights)
         correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights, -1) / tokens
-        exact = jnp.all(self._greedy_ids(params, images) == targets, axis=-1).astype(jnp.float32)
+        exact = {"": jnp.all(self._greedy_ids(params, images) == targets, axis=-1).astype(jnp.float32)}
+        if self.model.decoder.mask_id is not None:
+            exact["parallel_"] = jnp.all(self._parallel_ids(params, images) == targets, axis=-1).astype(jnp.float32)
         out = {
             "count": jnp.sum(mask),
             "loss": jnp.sum(mask * ce),
             "token_accuracy": jnp.sum(mask * correct),
         }
-        if self.has_attributes:
-            total = float(sum(self.group_sizes))
-            for g, prefix in ((0, ""), (1, "heldout_")):
-                w = mask * (batch["group"] == g) * (total / max(self.group_sizes[g], 1))
-                out[f"{prefix}exact_match"] = jnp.sum(w * exact)
-        else:
-            out["exact_match"] = jnp.sum(mask * exact)
+        for kind, hits in exact.items():
+            if self.has_attributes:
+                total = float(sum(self.group_sizes))
+                for g, prefix in ((0, ""), (1, "heldout_")):
+                    w = mask * (batch["group"] == g) * (total / max(self.group_sizes[g], 1))
+                    out[f"{prefix}{kind}exact_match"] = jnp.sum(w * hits)
+            else:
+                out[f"{kind}exact_match"] = jnp.sum(mask * hits)
         return out
 
     # -- final report -------------------------------------------------------------------------------------------
     def caption_images(self, params, images, batch_size: int | None = None) -> list[str]:
         """Captions of ``images`` (uint8 ``[N, S, S, 3]``) by :func:`mmjax.generate.generate` with the configured
-        ``num_beams`` / ``length_penalty`` (greedy when 1), decoded to text."""
-        from mmjax.generate import generate
+        ``num_beams`` / ``length_penalty`` (greedy when 1), or by :func:`mmjax.generate.parallel_decode` with
+        ``decode="parallel"``, decoded to text."""
+        from mmjax.generate import generate, parallel_decode
 
         batch_size = batch_size or self.eval_batch_size
         texts: list[str] = []
@@ -333,14 +356,17 @@ class CaptioningTask(ImageTextData):
             real = len(chunk)
             if real < batch_size:  # one compiled program: pad the last chunk
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-            out = generate(
-                self.model,
-                params,
-                self._images(jnp.asarray(chunk)),
-                max_new_tokens=self.context_length - 1,
-                num_beams=int(self.opts.num_beams),
-                length_penalty=float(self.opts.length_penalty),
-            )
+            if self.opts.decode == "parallel":
+                out = parallel_decode(self.model, params, self._images(jnp.asarray(chunk)))
+            else:
+                out = generate(
+                    self.model,
+                    params,
+                    self._images(jnp.asarray(chunk)),
+                    max_new_tokens=self.context_length - 1,
+                    num_beams=int(self.opts.num_beams),
+                    length_penalty=float(self.opts.length_penalty),
+                )
             texts += [self.tokenizer.decode(row) for row in np.asarray(out.sequences)[:real]]
         return texts
 
