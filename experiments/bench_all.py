@@ -4,11 +4,11 @@ Command (``make bench`` runs it; about 40 minutes on the 2-core CPU, on an idle 
 
     .venv/bin/python experiments/bench_all.py
 
-``--only vit,clip`` runs a subset (``vit``, ``clip``, ``gnn``, ``attention``, ``diffusion``); ``--out DIR`` writes
-elsewhere. Each benchmark runs its sides each in a process of its own, interleaved (``experiments/benchmarking.py``).
-The summary holds one ratio per workload, the reference's median time / mmjax's (above 1: mmjax is faster), with the
-machine and whether other processes loaded it during that workload; the plot draws the ratios with 1.0 marked, loaded
-workloads hatched.
+``--only vit,clip`` runs a subset (``vit``, ``clip``, ``gnn``, ``attention``, ``diffusion``, ``generate``);
+``--out DIR`` writes elsewhere. Each benchmark runs its sides each in a process of its own, interleaved
+(``experiments/benchmarking.py``). The summary holds one ratio per workload, the reference's median time / mmjax's
+(above 1: mmjax is faster), with the machine and whether other processes loaded it during that workload; the plot
+draws the ratios with 1.0 marked, loaded workloads hatched.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmarking  # noqa: E402
 
-BENCHMARKS = ("vit", "clip", "gnn", "attention", "diffusion")
+BENCHMARKS = ("vit", "clip", "gnn", "attention", "diffusion", "generate")
 ATTENTION_LENGTHS = "2048,4096,8192"
 
 
@@ -89,6 +89,24 @@ def _diffusion(rounds: int):
     return rows, res
 
 
+def _generate(rounds: int):
+    import bench_generate
+
+    res = bench_generate.main(["--rounds", str(rounds)])
+    cfg, rows = res["sizes"], []
+    for workload, what in (("greedy", "greedy"), ("beam", f"beam {cfg['beams']}")):
+        name = f"generate {what}, batch {cfg['batch']}, {cfg['new_tokens']} tokens"
+        rows.append(_row(name, "transformers generate()", res["workloads"][workload], "mmjax", "torch"))
+    for p in cfg["prefixes"]:
+        name = f"generate, time per token after {p} tokens (cached)"
+        result = res["workloads"][f"prefix{p}"]
+        rows.append(_row(name, "transformers generate()", result, "mmjax", "torch", key="cached_step_s"))
+    for row in rows:  # a per-token time is a difference of two calls' times: noise can make it <= 0
+        if row["ratio"] is not None and not (row["mmjax_s"] > 0 and row["reference_s"] > 0):
+            row["ratio"] = None
+    return rows, res
+
+
 def _record_row(workload: str, reference: str, ours_s, reference_s, load: dict) -> dict:
     ratio = reference_s / ours_s if ours_s and reference_s else None
     return {
@@ -144,7 +162,14 @@ def main(argv=None) -> dict:
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"--only must name benchmarks from {BENCHMARKS}, got {name!r}")
-    runners = {"vit": _vit, "clip": _clip, "gnn": _gnn, "attention": _attention, "diffusion": _diffusion}
+    runners = {
+        "vit": _vit,
+        "clip": _clip,
+        "gnn": _gnn,
+        "attention": _attention,
+        "diffusion": _diffusion,
+        "generate": _generate,
+    }
     info = benchmarking.machine()
     rows, details = [], {}
     for name in names:

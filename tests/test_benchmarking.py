@@ -163,3 +163,37 @@ def test_summary_plot_and_bad_benchmark_names(benchmarking, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--only must name benchmarks"):
         bench_all.main(["--only", "nope", "--out", str(tmp_path)])
+
+
+def test_generate_benchmark_sides_run_at_a_tiny_size(benchmarking, tmp_path):
+    import bench_all
+    import bench_generate
+
+    assert "generate" in bench_all.BENCHMARKS
+
+    cfg = bench_generate.CONFIGS["tiny"]
+    directory = str(tmp_path / "hf")
+    assert bench_generate.SIDES["build"](cfg=cfg, directory=directory)["params"] > 0
+    common = dict(cfg=cfg, directory=directory, steps=1, warmup=0)
+    for workload in ("greedy", "beam"):
+        runs = {side: bench_generate.SIDES[side](workload=workload, **common) for side in ("mmjax", "torch")}
+        for out in runs.values():
+            _check_timed(out)
+            assert out["params"] == runs["torch"]["params"]
+        # the same weights (converted from the saved directory) and images: the same sequences, every one running
+        # to max_new_tokens (end of text is never chosen)
+        seqs = np.array(runs["mmjax"]["sequences"])
+        assert seqs.shape == (cfg["batch"], 1 + cfg["new_tokens"]) and not (seqs == bench_generate.EOS).any()
+        np.testing.assert_array_equal(seqs, runs["torch"]["sequences"], err_msg=workload)
+    prefix = cfg["prefixes"][0]
+    runs = {side: bench_generate.SIDES[side](workload="prefix", prefix=prefix, **common) for side in ("mmjax", "torch")}
+    for out in runs.values():
+        for key in ("cached_step_s", "cached_full_s", "cached_one_s", "uncached_step_s"):
+            assert len(out[key]) == 1 and np.isfinite(out[key][0]), key
+    assert runs["mmjax"]["uncached_length"] == prefix + cfg["uncached_new"] // 2
+    np.testing.assert_array_equal(runs["mmjax"]["sequences"], runs["torch"]["sequences"])
+    assert np.array(runs["mmjax"]["sequences"]).shape == (cfg["prefix_batch"], cfg["prefix_new"])
+    with pytest.raises(ValueError, match="workload must be one of"):
+        bench_generate.SIDES["mmjax"](workload="nope", **common)
+    with pytest.raises(ValueError, match="needs prefix"):
+        bench_generate.SIDES["torch"](workload="prefix", **common)
