@@ -3,8 +3,9 @@
 One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention), :mod:`~mmjax.layers`
 (transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
 :mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.diffusion`,
-:mod:`~mmjax.dit`, :mod:`~mmjax.losses`, :mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`,
-:mod:`~mmjax.data`, :mod:`~mmjax.train`.
+:mod:`~mmjax.dit`, :mod:`~mmjax.decoder` (text decoder with cross-attention and a KV cache),
+:mod:`~mmjax.captioner`, :mod:`~mmjax.generate` (greedy, sampling and beam search), :mod:`~mmjax.losses`,
+:mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`, :mod:`~mmjax.data`, :mod:`~mmjax.train`.
 
 The names below are re-exported lazily (a submodule is imported on first use, so ``import mmjax`` stays cheap):
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "GATConv": "gnn",
     "GraphConv": "gnn",
     "DiT": "dit",
+    "Captioner": "captioner",
     "MessagePassing": "gnn",
     "softmax_contrastive_loss": "losses",
     "sigmoid_contrastive_loss": "losses",
@@ -51,6 +53,9 @@ _SUBMODULES = (
     "graph_models",
     "diffusion",
     "dit",
+    "decoder",
+    "captioner",
+    "generate",
     "losses",
     "evaluate",
     "convert",

@@ -1,5 +1,5 @@
-"""The ``mmjax`` command line: ``mmjax train``, ``eval``, ``generate``, ``convert`` and ``bench`` (subcommands live in
-:data:`COMMANDS`).
+"""The ``mmjax`` command line: ``mmjax train``, ``eval``, ``generate``, ``caption``, ``convert`` and ``bench``
+(subcommands live in :data:`COMMANDS`).
 
 ``mmjax train --config experiments/fashion_mnist_vit.py --workdir /tmp/fm --config.batch_size=256``
 
@@ -311,6 +311,124 @@ def _run_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- caption
+def _add_caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a captioning training run's directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to caption (PNG, JPEG: anything PIL reads)")
+    p.add_argument(
+        "--num-beams", type=int, default=1, metavar="N", help="beam search with N beams (default 1: greedy decoding)"
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        metavar="A",
+        help="beam search: a finished caption scores sum(log p) / length ** A (default: the run's "
+        "config.captioning.length_penalty)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the most tokens to generate (default: every decoder position after the start token, "
+        "config.model.context_length - 1)",
+    )
+    p.add_argument(
+        "--scores",
+        action="store_true",
+        help="add each caption's score as a third column (greedy: the sum of its tokens' log-probabilities; beam "
+        "search: that sum divided by length ** length_penalty)",
+    )
+    p.epilog = (
+        "Prints one line per image: PATH<TAB>caption (<TAB>score with --scores). Each image is converted to RGB and "
+        "resized (bilinear) to the run's config.data.image_size square, then normalised as the run's training "
+        "images were; captions come from the latest checkpoint of the run (its EMA parameters when it kept them) "
+        "through mmjax.generate.generate."
+    )
+
+
+def _load_images(paths: list[str], size: int):
+    """The files ``paths`` as uint8 ``[N, size, size, 3]`` RGB (as the training images); a file PIL cannot read is
+    a :class:`UserError` naming it."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"IMAGE {path!r}: no such file (expected a PNG or JPEG image file)")
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # also reads the pixels: a truncated file fails here
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BILINEAR)
+                out.append(np.asarray(image, np.uint8))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(
+                f"IMAGE {path!r} is not an image PIL can read ({type(e).__name__}: {e}); pass PNG or JPEG files"
+            ) from e
+    return np.stack(out)
+
+
+def _run_caption(args) -> int:
+    import numpy as np
+
+    from mmjax.generate import generate
+    from mmjax.train import restore_run
+    from mmjax.train.loop import load_config
+
+    if args.overrides:
+        key = args.overrides[0][0]
+        raise UserError(
+            f"--config.{key}: mmjax caption takes no config overrides (it captions with the run as trained)"
+        )
+    if args.num_beams < 1:
+        raise UserError(
+            f"--num-beams={args.num_beams} is not valid; expected an int >= 1 (1: greedy decoding, N > 1: beam "
+            "search with N beams)"
+        )
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} is not valid; expected an int >= 1")
+    saved = load_config(args.workdir)
+    if saved.get("task") != "captioning":
+        raise UserError(
+            f"--workdir {args.workdir!r} is a {saved.get('task')!r} run; mmjax caption needs a 'captioning' run "
+            "(train one with mmjax train --config experiments/caption_fashion_mnist.py --workdir DIR)"
+        )
+    pixels = _load_images(args.images, int(saved.data.image_size))
+    config, task, params, _ = restore_run(args.workdir)
+    model = task.model
+    limit = model.decoder.max_length - 1  # positions after the start token
+    max_new_tokens = limit if args.max_new_tokens is None else args.max_new_tokens
+    if max_new_tokens > limit:
+        raise UserError(
+            f"--max-new-tokens={max_new_tokens} does not fit the decoder: it has {model.decoder.max_length} positions "
+            f"(config.model.context_length), the start token takes one; use at most {limit}"
+        )
+    length_penalty = float(task.opts.length_penalty if args.length_penalty is None else args.length_penalty)
+    chunk = min(len(pixels), int(config.eval_batch_size))
+    texts, scores = [], []
+    for start in range(0, len(pixels), chunk):
+        batch = pixels[start : start + chunk]
+        real = len(batch)
+        if real < chunk:  # one compiled program: pad the last chunk
+            batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - real, axis=0)])
+        out = generate(
+            model,
+            params,
+            task._images(batch),
+            max_new_tokens=max_new_tokens,
+            num_beams=args.num_beams,
+            length_penalty=length_penalty,
+        )
+        texts += [task.tokenizer.decode(row) for row in np.asarray(out.sequences)[:real]]
+        scores += [float(s) for s in np.asarray(out.scores)[:real]]
+    for path, text, score in zip(args.images, texts, scores):
+        print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- convert
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -335,31 +453,51 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _convert_module(kind: str, where: str):
+    """The converter module of a model type (``clip`` or ``vision-encoder-decoder``)."""
+    import importlib
+
+    modules = {"clip": "hf_clip", "vision-encoder-decoder": "hf_vision_encoder_decoder"}
+    if kind not in modules:
+        raise UserError(
+            f"{where} model_type {kind!r}; the command line converts {sorted(modules)} (for 'vit' use "
+            "mmjax.convert.from_hf in Python)"
+        )
+    return importlib.import_module(f"mmjax.convert.{modules[kind]}")
+
+
 def _run_convert(args) -> int:
-    from mmjax.convert import hf_clip
+    import json
+
     from mmjax.convert.io import load_config
 
     if args.from_hf:
         model_type = load_config(args.from_hf).get("model_type")
-        if model_type != "clip":
-            raise UserError(
-                f"--from-hf {args.from_hf!r}: config.json has model_type {model_type!r}; the command "
-                "line converts 'clip' checkpoints (for 'vit' use mmjax.convert.from_hf in Python)"
+        module = _convert_module(model_type, f"--from-hf {args.from_hf!r}: config.json has")
+        converted = module.convert_hf_dir(args.from_hf, args.out)
+        if model_type == "clip":
+            detail = (
+                f"CLIP, vision width {converted.vision_width}, text width {converted.text_width}, embedding "
+                f"{converted.embed_dim}"
             )
-        config = hf_clip.convert_hf_dir(args.from_hf, args.out)
-        print(
-            f"converted {args.from_hf} -> {args.out} (mmjax CLIP, vision width {config.vision_width}, "
-            f"text width {config.text_width}, embedding {config.embed_dim})"
-        )
+        else:
+            detail = f"Captioner, decoder width {converted.decoder.width}, {converted.decoder.depth} blocks"
+        print(f"converted {args.from_hf} -> {args.out} (mmjax {detail})")
     else:
-        config, params = hf_clip.load_dir(args.to_hf)
-        hf_clip.to_hf_dir(config, params, args.out)
+        meta = os.path.join(args.to_hf, "mmjax_config.json")
+        kind = "clip"
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                kind = json.load(f).get("model", "clip")
+        module = _convert_module(kind, f"--to-hf {args.to_hf!r}: mmjax_config.json has")
+        model, params = module.load_dir(args.to_hf)
+        module.to_hf_dir(model, params, args.out)
         print(f"wrote the Hugging Face layout of {args.to_hf} to {args.out}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------ bench
-BENCHMARKS = ("attention", "vit", "gnn", "clip", "diffusion", "all")
+BENCHMARKS = ("attention", "vit", "gnn", "clip", "diffusion", "generate", "all")
 
 
 def _experiments_dir() -> str:
@@ -405,7 +543,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a config (resumes from the workdir's latest checkpoint)", _add_train_args, _run_train),
     "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
     "generate": ("draw images for prompts with a diffusion run", _add_generate_args, _run_generate),
-    "convert": ("convert CLIP weights between Hugging Face and mmjax layouts", _add_convert_args, _run_convert),
+    "caption": ("print captions of image files with a captioning run", _add_caption_args, _run_caption),
+    "convert": (
+        "convert CLIP or ViT-GPT2 captioner weights between Hugging Face and mmjax layouts",
+        _add_convert_args,
+        _run_convert,
+    ),
     "bench": (
         "run a benchmark of mmjax against its reference (experiments/bench_NAME.py)",
         _add_bench_args,

@@ -23,7 +23,15 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ("01_attention", "02_vit", "03_graphs", "04_clip", "05_numerical_reference", "07_diffusion")
+NOTEBOOKS = (
+    "01_attention",
+    "02_vit",
+    "03_graphs",
+    "04_clip",
+    "05_numerical_reference",
+    "06_captioning",
+    "07_diffusion",
+)
 CELL_TIMEOUT_S = 300  # per cell; a quick notebook takes well under a minute on an idle 2-core machine
 
 
@@ -91,6 +99,20 @@ def check_04_clip(s):
 def check_05_numerical_reference(s):
     assert s["max_rel_error_float32"] < 1e-4, s
     assert s["max_rel_error_float64"] < 1e-12, s
+
+
+def check_06_captioning(s):
+    assert s["steps"] == s["num_steps"] > 0, f"the run stopped before its configured steps: {s}"
+    assert s["final_loss"] < 0.5 * s["first_train_loss"], f"captioning loss did not go down: {s}"
+    assert s["eval_token_accuracy"] > 0.4, s
+    # greedy decoding over the KV cache = the task's captions = the argmax of one teacher-forced pass
+    assert s["greedy_matches_caption_images"] and s["teacher_forced_matches_greedy"], s
+    # generate's scores recomputed by teacher forcing (greedy: sum of log-probabilities; beams: / length)
+    assert s["greedy_score_error"] < 1e-4 and s["beam_score_error"] < 1e-4, s
+    # the cross-attention weights drawn are the ones the model used
+    assert s["query_error"] < 1e-5 and s["key_error"] < 1e-5, s
+    assert s["cross_attention_output_error"] < 1e-5 and s["attention_row_sum_error"] < 1e-5, s
+    assert s["image_tokens"] == 1 + s["grid"] ** 2, s
 
 
 def check_07_diffusion(s):

@@ -38,6 +38,7 @@ def _config(**overrides) -> dict:
             "decoder_depth": 1,
             "decoder_num_heads": 2,
             "decoder_mlp_dim": 32,
+            "attention_implementation": "reference",  # compiles fastest; every implementation is tested elsewhere
         },
         "data": {"image_size": 16, "num_train": 64, "num_test": 8, "num_heldout": 8},
         "captioning": {"scoring_examples": 4},

@@ -23,7 +23,7 @@ zero-shot prompts, log-sum-exp over each class's templates) and draws a grid of 
 Model (``config.model``): the image tower's ``vision_*`` keys (a :class:`mmjax.vit.ViT`: width, depth, heads,
 MLP, patch size, a convolutional stem), the decoder's ``decoder_*`` keys (:class:`mmjax.decoder.DecoderConfig`),
 ``num_map_queries`` (0: cross-attend every image token), ``context_length`` (caption length with start and end
-tokens), ``dtype``. The word tokenizer is built from the training captions and saved with the run
+tokens), ``dtype``, ``attention_implementation`` (both towers; empty: the platform's default). The word tokenizer is built from the training captions and saved with the run
 (``workdir/vocab.json``), as the contrastive task does; its ``<|startoftext|>``, ``<|endoftext|>`` and ``<pad>``
 are the decoder's ``bos_id``, ``eos_id`` and ``pad_id``. Data (``config.data``): as the contrastive task
 (:func:`mmjax.train.contrastive.caption_sources`), including ``colour_space``.
@@ -93,6 +93,7 @@ _MODEL_DEFAULTS = dict(
     decoder_activation="gelu",
     tie_embeddings=True,
     dropout_rate=0.0,
+    attention_implementation="",  # "": the default for the platform (mmjax.attention.select_implementation)
 )
 
 
@@ -130,6 +131,7 @@ def captioner_from_config(m, vocab_size: int, bos_id: int, eos_id: int, pad_id: 
             num_classes=0,
             pool_type="gap",
             dropout_rate=float(m.dropout_rate),
+            attention_implementation=m.attention_implementation or None,
             dtype=dtype,
         )
         vision.sizes()  # validates the tower's values now
@@ -147,6 +149,7 @@ def captioner_from_config(m, vocab_size: int, bos_id: int, eos_id: int, pad_id: 
             eos_id=eos_id,
             pad_id=pad_id,
             mask_id=mask_id,
+            attention_implementation=m.attention_implementation or None,
             dtype=dtype,
         )
     except (TypeError, ValueError) as e:

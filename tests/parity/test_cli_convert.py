@@ -55,3 +55,19 @@ def test_convert_rejects_other_model_types_and_missing_dirs(tmp_path, capsys):
     assert "model_type 'vit'" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_convert_a_vit_gpt2_captioner_from_hf_and_back_is_exact(tmp_path):
+    from tests.parity.test_captioner_hf import make_hf as make_captioner
+
+    hf = make_captioner("proj", seed=1)
+    src, ours, back = tmp_path / "hf", tmp_path / "mmjax", tmp_path / "hf_again"
+    hf.save_pretrained(src, safe_serialization=True)
+    assert main(["convert", "--from-hf", str(src), "--out", str(ours)]) == 0
+    assert main(["convert", "--to-hf", str(ours), "--out", str(back)]) == 0
+    original, written = load_file(os.path.join(src, "model.safetensors")), load_file(back / "model.safetensors")
+    assert sorted(original) == sorted(written)
+    for key in original:
+        np.testing.assert_array_equal(written[key], original[key], err_msg=key)
+    reloaded = transformers.VisionEncoderDecoderModel.from_pretrained(back)
+    assert reloaded.config.decoder.n_embd == hf.config.decoder.n_embd
