@@ -57,6 +57,7 @@ from mmjax.train.contrastive import (
     _dtype,
     _per_channel,
     _section,
+    write_report,
 )
 from mmjax.vit import ViT
 
@@ -433,14 +434,7 @@ class CaptioningTask(ImageTextData):
         shown = list(np.flatnonzero(group == 0)[:8]) + list(np.flatnonzero(group == 1)[:8])
         report["caption_grid_png"] = _caption_grid(images, texts, exact, group, shown, workdir)
         report["checkpoint_dir"] = os.path.join(workdir, "checkpoints")
-        with open(os.path.join(workdir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        print(
-            "captioning report: "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()),
-            flush=True,
-        )
-        return report
+        return write_report(report, workdir, "captioning")
 
 
 def _caption_grid(images, texts, exact, group, rows, workdir: str) -> str:

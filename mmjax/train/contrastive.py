@@ -87,6 +87,7 @@ __all__ = [
     "ContrastiveTask",
     "ImageTextData",
     "caption_sources",
+    "write_report",
     "grad_cache",
     "frozen_labels",
     "freeze",
@@ -400,6 +401,24 @@ def caption_sources(d) -> dict[str, Any]:
         eval_source = image_text.TFDSImageText(d.tfds_name, d.eval_split, **kw)
         vocab_texts = None  # read lazily, only for the word tokenizer
     return dict(train_source=train_source, eval_source=eval_source, group_sizes=group_sizes, vocab_texts=vocab_texts)
+
+
+def write_report(report: dict[str, Any], workdir: str, title: str) -> dict[str, Any]:
+    """Writes a final report to ``workdir/report.json``, prints it on one line (``TITLE report: k=v, ...``) and
+    returns it.
+
+    >>> import tempfile
+    >>> out = write_report({"accuracy": 0.5, "png": "a.png"}, tempfile.mkdtemp(), "toy")
+    toy report: accuracy=0.5000, png=a.png
+    """
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(
+        f"{title} report: "
+        + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()),
+        flush=True,
+    )
+    return report
 
 
 class ImageTextData:
@@ -866,11 +885,4 @@ class ContrastiveTask(ImageTextData):
         if os.path.exists(curves) or self.config.get("plot", False):
             report["training_curve_png"] = curves
         report["checkpoint_dir"] = os.path.join(workdir, "checkpoints")
-        with open(os.path.join(workdir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        print(
-            "contrastive report: "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()),
-            flush=True,
-        )
-        return report
+        return write_report(report, workdir, "contrastive")
