@@ -6,6 +6,8 @@ training, node classification, text-to-image diffusion), which joins a model, it
 * :mod:`mmjax.train.contrastive`: contrastive image-text task (CLIP, SigLIP, LiT).
 * :mod:`mmjax.train.node_classification`: transductive node classification task (a GCN on one graph).
 * :mod:`mmjax.train.diffusion`: text-to-image diffusion task (a DiT conditioned on a caption's text tower).
+* :mod:`mmjax.train.captioning`: image captioning task (a ViT + text decoder; teacher forcing, CapPa).
+* :mod:`mmjax.train.coca`: CoCa task (CLIP + a captioning decoder on the image tokens, both losses).
 * :mod:`mmjax.train.optimizer`: AdamW with weight-decay rules, warmup + cosine, clipping.
 * :mod:`mmjax.train.state`: the train state pytree.
 * :mod:`mmjax.train.parallel`: "single" / "pmap" / "sharded" (+ FSDP) layouts and compilation.

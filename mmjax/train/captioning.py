@@ -61,7 +61,7 @@ from mmjax.train.contrastive import (
 )
 from mmjax.vit import ViT
 
-__all__ = ["CaptioningTask", "captioner_from_config", "DECODE_MODES"]
+__all__ = ["CaptioningTask", "captioner_from_config", "token_cross_entropy", "DECODE_MODES"]
 
 DECODE_MODES = ("autoregressive", "parallel")
 
@@ -159,6 +159,35 @@ def captioner_from_config(m, vocab_size: int, bos_id: int, eos_id: int, pad_id: 
     if queries < 0:
         raise ConfigError(f"config.model.num_map_queries={queries} must be >= 0 (0: every image token)")
     return Captioner(vision=vision, decoder=decoder, num_map_queries=queries or None)
+
+
+def token_cross_entropy(logits, targets, weights, label_smoothing: float = 0.0, *, axis_name=None):
+    """The label-smoothed token cross-entropy of the *global* batch, ``sum m CE / sum m`` over every device's
+    tokens with weight ``m`` (1 = a target that counts), as this device's share, and the token accuracy of its rows.
+
+    Under ``pmap`` (``axis_name``) the engine averages the devices' losses, so each device returns its own mean
+    weighted by ``its tokens * devices / global tokens``: the average is the global token mean whatever the
+    devices' token counts (equal in every parallel mode).
+
+    Args:
+      logits: ``[B, T, V]``; targets: int ``[B, T]``; weights: ``[B, T]``.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+      axis_name: the pmap axis, or ``None`` (the batch is global).
+
+    Returns:
+      ``(loss, token_accuracy)`` scalars.
+
+    >>> logits = jnp.zeros((1, 2, 4)); targets = jnp.array([[1, 0]]); weights = jnp.array([[1.0, 0.0]])
+    >>> [round(float(x), 4) for x in token_cross_entropy(logits, targets, weights)]  # log 4; argmax 0 != 1
+    [1.3863, 0.0]
+    """
+    local = jnp.sum(weights)
+    total = local if axis_name is None else jax.lax.psum(local, axis_name)
+    devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+    mean_local = softmax_cross_entropy(logits, targets, label_smoothing, where=weights)
+    loss = mean_local * local * devices / jnp.maximum(total, 1.0)
+    correct = (jnp.argmax(logits, -1) == targets).astype(weights.dtype)
+    return loss, jnp.sum(correct * weights) / jnp.maximum(local, 1.0)
 
 
 class CaptioningTask(ImageTextData):
@@ -274,15 +303,11 @@ class CaptioningTask(ImageTextData):
             train=train,
             rngs={"dropout": r_drop},
         )
-        local = jnp.sum(weights)
-        total = local if axis_name is None else jax.lax.psum(local, axis_name)
-        devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
-        mean_local = softmax_cross_entropy(logits, targets, float(self.opts.label_smoothing), where=weights)
-        # the engine averages the devices' losses: weight each by its share of the global tokens
-        loss = mean_local * local * devices / jnp.maximum(total, 1.0)
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        loss, token_accuracy = token_cross_entropy(
+            logits, targets, weights, float(self.opts.label_smoothing), axis_name=axis_name
+        )
         metrics = {
-            "token_accuracy": jnp.sum(correct * weights) / jnp.maximum(local, 1.0),
+            "token_accuracy": token_accuracy,
             "parallel_fraction": jnp.mean(parallel.astype(jnp.float32)) if parallel is not None else jnp.zeros(()),
         }
         return loss, metrics
