@@ -93,7 +93,7 @@ import numpy as np
 
 from mmjax.errors import UserError
 
-__all__ = ["GenerateOutput", "generate", "log_likelihood", "parallel_decode"]
+__all__ = ["GenerateOutput", "generate", "log_likelihood", "parallel_decode", "parallel_predict"]
 
 Array = jax.Array
 
@@ -663,21 +663,43 @@ def _tiny_model():
     return model, params, images
 
 
+def parallel_predict(model, params, images, length: int):
+    """The traceable core of :func:`parallel_decode` (call it inside ``jit``, e.g. in an evaluation step): the
+    ``[B, length]`` ids, ``pad_id`` after the first end-of-text, and the ``[B]`` summed log-probabilities of the kept
+    ids. No checks (see :func:`parallel_decode`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mmjax.captioner import Captioner
+      >>> from mmjax.decoder import DecoderConfig
+      >>> from mmjax.vit import ViT
+      >>> vit = ViT(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, num_classes=0, pool_type="gap")
+      >>> cfg = DecoderConfig(vocab_size=9, width=8, depth=1, num_heads=2, mlp_dim=16, max_length=6, mask_id=8)
+      >>> model = Captioner(vision=vit, decoder=cfg)
+      >>> images = jnp.zeros((2, 8, 8, 3))
+      >>> params = model.init(jax.random.key(0), images, jnp.ones((2, 5), jnp.int32))["params"]
+      >>> tokens, scores = jax.jit(lambda p, x: parallel_predict(model, p, x, 4))(params, images)
+      >>> tokens.shape, scores.shape
+      ((2, 4), (2,))
+    """
+    cfg = model.decoder
+    encoded = model.apply({"params": params}, images, method="encode")
+    B = images.shape[0]
+    inputs = jnp.full((B, length), cfg.mask_id, jnp.int32)
+    logits, _ = model.apply({"params": params}, inputs, encoded, jnp.ones((B,), bool), method=_parallel_logits)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tokens = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+    ended = jnp.cumsum(tokens == cfg.eos_id, axis=1) - (tokens == cfg.eos_id) > 0  # after the first eos
+    tokens = jnp.where(ended, cfg.pad_id, tokens)
+    picked = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+    return tokens, jnp.sum(jnp.where(ended, 0.0, picked), axis=1)
+
+
 @functools.lru_cache(maxsize=32)
 def _parallel_program(model, length: int):
     def run(params, images):
-        cfg = model.decoder
-        encoded = model.apply({"params": params}, images, method="encode")
-        B = images.shape[0]
-        inputs = jnp.full((B, length), cfg.mask_id, jnp.int32)
-        logits, _ = model.apply({"params": params}, inputs, encoded, jnp.ones((B,), bool), method=_parallel_logits)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        tokens = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-        ended = jnp.cumsum(tokens == cfg.eos_id, axis=1) - (tokens == cfg.eos_id) > 0  # after the first eos
-        tokens = jnp.where(ended, cfg.pad_id, tokens)
-        picked = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-        score = jnp.sum(jnp.where(ended, 0.0, picked), axis=1)
-        start = jnp.full((B, 1), cfg.bos_id, jnp.int32)
+        tokens, score = parallel_predict(model, params, images, length)
+        start = jnp.full((images.shape[0], 1), model.decoder.bos_id, jnp.int32)
         return jnp.concatenate([start, tokens], axis=1), score
 
     return jax.jit(run)

@@ -333,14 +333,11 @@ class CaptioningTask(ImageTextData):
         return tokens.T
 
     def _parallel_ids(self, params, images):
-        """CapPa's parallel decoding inside a compiled step: ``[B, L - 1]`` ids, ``pad`` after the end of text."""
-        cfg = self.model.decoder
-        B, length = images.shape[0], self.context_length - 1
-        inputs = jnp.full((B, length), cfg.mask_id, jnp.int32)
-        logits, _ = self.model.apply({"params": params}, images, inputs, parallel=jnp.ones((B,), bool))
-        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-        is_eos = tokens == cfg.eos_id
-        return jnp.where(jnp.cumsum(is_eos, axis=1) - is_eos > 0, cfg.pad_id, tokens)
+        """CapPa's parallel decoding inside a compiled step (:func:`mmjax.generate.parallel_predict`): ``[B, L - 1]``
+        ids, ``pad`` after the end of text."""
+        from mmjax.generate import parallel_predict
+
+        return parallel_predict(self.model, params, images, self.context_length - 1)[0]
 
     def eval_metrics(self, params, batch, *, axis_name=None):
         """Sums over the real rows of one eval batch: ``loss``, ``token_accuracy`` (teacher forcing) and the greedy
