@@ -372,9 +372,6 @@ def _load_images(paths: list[str], size: int):
 
 
 def _run_caption(args) -> int:
-    import numpy as np
-
-    from mmjax.generate import generate
     from mmjax.train import restore_run
     from mmjax.train.loop import load_config
 
@@ -406,24 +403,16 @@ def _run_caption(args) -> int:
             f"--max-new-tokens={max_new_tokens} does not fit the decoder: it has {model.decoder.max_length} positions "
             f"(config.model.context_length), the start token takes one; use at most {limit}"
         )
-    length_penalty = float(task.opts.length_penalty if args.length_penalty is None else args.length_penalty)
-    chunk = min(len(pixels), int(config.eval_batch_size))
-    texts, scores = [], []
-    for start in range(0, len(pixels), chunk):
-        batch = pixels[start : start + chunk]
-        real = len(batch)
-        if real < chunk:  # one compiled program: pad the last chunk
-            batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - real, axis=0)])
-        out = generate(
-            model,
-            params,
-            task._images(batch),
-            max_new_tokens=max_new_tokens,
-            num_beams=args.num_beams,
-            length_penalty=length_penalty,
-        )
-        texts += [task.tokenizer.decode(row) for row in np.asarray(out.sequences)[:real]]
-        scores += [float(s) for s in np.asarray(out.scores)[:real]]
+    texts, scores = task.caption_images(
+        params,
+        pixels,
+        batch_size=min(len(pixels), int(config.eval_batch_size)),
+        decode="autoregressive",
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        max_new_tokens=max_new_tokens,
+        with_scores=True,
+    )
     for path, text, score in zip(args.images, texts, scores):
         print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
     return 0

@@ -369,32 +369,52 @@ class CaptioningTask(ImageTextData):
         return out
 
     # -- final report -------------------------------------------------------------------------------------------
-    def caption_images(self, params, images, batch_size: int | None = None) -> list[str]:
-        """Captions of ``images`` (uint8 ``[N, S, S, 3]``) by :func:`mmjax.generate.generate` with the configured
-        ``num_beams`` / ``length_penalty`` (greedy when 1), or by :func:`mmjax.generate.parallel_decode` with
-        ``decode="parallel"``, decoded to text."""
+    def caption_images(
+        self,
+        params,
+        images,
+        batch_size: int | None = None,
+        *,
+        decode: str | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        max_new_tokens: int | None = None,
+        with_scores: bool = False,
+    ):
+        """Captions of ``images`` (uint8 ``[N, S, S, 3]``) by :func:`mmjax.generate.generate` (greedy when
+        ``num_beams`` is 1) or by :func:`mmjax.generate.parallel_decode` (``decode="parallel"``), decoded to text,
+        in chunks of ``batch_size`` (default ``eval_batch_size``; the last chunk padded: one compiled program).
+        ``decode``, ``num_beams``, ``length_penalty`` default to the run's ``config.captioning``, ``max_new_tokens``
+        to every position after the start token. Returns the texts, and their scores with ``with_scores``."""
         from mmjax.generate import generate, parallel_decode
 
         batch_size = batch_size or self.eval_batch_size
+        decode = self.opts.decode if decode is None else decode
+        num_beams = int(self.opts.num_beams if num_beams is None else num_beams)
+        length_penalty = float(self.opts.length_penalty if length_penalty is None else length_penalty)
+        max_new_tokens = self.context_length - 1 if max_new_tokens is None else max_new_tokens
         texts: list[str] = []
+        scores: list[float] = []
         for start in range(0, len(images), batch_size):
             chunk = np.asarray(images[start : start + batch_size])
             real = len(chunk)
             if real < batch_size:  # one compiled program: pad the last chunk
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-            if self.opts.decode == "parallel":
-                out = parallel_decode(self.model, params, self._images(jnp.asarray(chunk)))
+            pixels = self._images(jnp.asarray(chunk))
+            if decode == "parallel":
+                out = parallel_decode(self.model, params, pixels)
             else:
                 out = generate(
                     self.model,
                     params,
-                    self._images(jnp.asarray(chunk)),
-                    max_new_tokens=self.context_length - 1,
-                    num_beams=int(self.opts.num_beams),
-                    length_penalty=float(self.opts.length_penalty),
+                    pixels,
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    length_penalty=length_penalty,
                 )
             texts += [self.tokenizer.decode(row) for row in np.asarray(out.sequences)[:real]]
-        return texts
+            scores += [float(x) for x in np.asarray(out.scores)[:real]]
+        return (texts, scores) if with_scores else texts
 
     def scoring_classifier(self, params, images, attribute: str = "item", batch_size: int = 4096) -> np.ndarray:
         """CapPa's zero-shot scoring classifier: for each image the class whose prompts
