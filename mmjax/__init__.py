@@ -4,7 +4,9 @@ One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention
 (transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
 :mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.diffusion`,
 :mod:`~mmjax.dit`, :mod:`~mmjax.decoder` (text decoder with cross-attention and a KV cache),
-:mod:`~mmjax.captioner`, :mod:`~mmjax.coca`, :mod:`~mmjax.generate` (greedy, sampling and beam search), :mod:`~mmjax.losses`,
+:mod:`~mmjax.captioner`, :mod:`~mmjax.coca`, :mod:`~mmjax.generate` (greedy, sampling and beam search),
+:mod:`~mmjax.detection` (OWL-ViT), :mod:`~mmjax.boxes` (box maths, focal loss), :mod:`~mmjax.matching` (Hungarian
+matching), :mod:`~mmjax.losses`,
 :mod:`~mmjax.evaluate`, :mod:`~mmjax.convert`, :mod:`~mmjax.data`, :mod:`~mmjax.train`.
 
 The names below are re-exported lazily (a submodule is imported on first use, so ``import mmjax`` stays cheap):
@@ -30,10 +32,12 @@ _EXPORTS = {
     "Graph": "graph",
     "GCNConv": "gnn",
     "GATConv": "gnn",
+    "RGCNConv": "gnn",
     "GraphConv": "gnn",
     "DiT": "dit",
     "Captioner": "captioner",
     "CoCa": "coca",
+    "OWLViT": "detection",
     "MessagePassing": "gnn",
     "softmax_contrastive_loss": "losses",
     "sigmoid_contrastive_loss": "losses",
@@ -58,6 +62,9 @@ _SUBMODULES = (
     "captioner",
     "coca",
     "generate",
+    "detection",
+    "boxes",
+    "matching",
     "losses",
     "evaluate",
     "convert",

@@ -1,16 +1,19 @@
 """Message-passing layers (flax.linen) over :class:`mmjax.graph.Graph`: MessagePassing, GraphConv, GCNConv, GATConv,
-and per-graph readouts.
+RGCNConv (typed edges), and per-graph readouts.
 
 Every layer takes a :class:`~mmjax.graph.Graph` with ``nodes [N, F_in]`` and returns new node features
 ``[N, F_out]``; messages flow from ``senders`` (``j``) to ``receivers`` (``i``). Padding (see
 :func:`mmjax.graph.pad`) never reaches real nodes: padding edges join padding nodes only, and the layers also zero
 them out with :func:`mmjax.graph.edge_mask`.
 
-``GCNConv`` and ``GATConv`` follow PyTorch Geometric 2.8 (``torch_geometric.nn.GCNConv`` / ``GATConv``); with the same
-weights (``kernel = lin.weight.T``) they agree to float32 rounding (``tests/parity/test_gnn_pyg.py``). One documented
-difference: PyG's ``gcn_norm`` ignores ``improved=True`` when no ``edge_weight`` is passed (every self loop then
-gets weight 1); here a missing ``edge_weight`` means all ones, so ``improved`` always adds ``2 I`` for missing loops,
-exactly like PyG with ``edge_weight=torch.ones(E)``.
+``GCNConv``, ``GATConv`` and ``RGCNConv`` follow PyTorch Geometric 2.8 (``torch_geometric.nn.GCNConv`` /
+``GATConv`` / ``RGCNConv``); with the same weights (``kernel = lin.weight.T``) they agree to float32 rounding
+(``tests/parity/test_gnn_pyg.py``, ``tests/parity/test_gnn_relational_pyg.py``). Graphs with typed edges: either
+``RGCNConv(...).apply(params, graph, edge_type)`` (one weight matrix per relation), or ``GATConv(edge_dim=d)`` with
+``edge_attr`` an embedding (or one-hot) of the edge type. One documented difference (GCN): PyG's ``gcn_norm``
+ignores ``improved=True`` when no ``edge_weight`` is passed (every self loop then gets weight 1); here a missing
+``edge_weight`` means all ones, so ``improved`` always adds ``2 I`` for missing loops, exactly like PyG with
+``edge_weight=torch.ones(E)``.
 
 Fast GCN path: :func:`gcn_adjacency` normalises a graph once (like PyG's ``cached=True``) and stores the edges
 twice, sorted by receiver and sorted by sender; ``GCNConv(...).apply(params, graph, adjacency=adj)`` then
@@ -48,12 +51,16 @@ __all__ = [
     "GraphConv",
     "GCNConv",
     "GATConv",
+    "RGCNConv",
     "readout",
     "AttentionReadout",
     "READOUTS",
 ]
 
 glorot = nn.initializers.glorot_uniform()
+# Glorot over the last two axes of a stack of matrices (PyG's ``glorot``: U(+-sqrt(6 / (fan_in + fan_out))) with
+# fan_in, fan_out = shape[-2], shape[-1]); flax's glorot_uniform would count the leading axes into both fans.
+_glorot_stacked = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,8 +114,9 @@ def _propagate_fwd(x, weights, senders, receivers, t_senders, t_receivers, t_wei
 
 def _propagate_bwd(num_nodes, is_sorted, res, g):
     x, weights, senders, receivers, t_senders, t_receivers, t_weights = res
-    # d x = A^T g, summed at the senders, over the edge list given for the backward pass (t_*).
-    dx = _weighted_segment_sum(g, t_receivers, t_senders, t_weights, num_nodes, is_sorted)
+    # d x = A^T g, summed at the senders, over the edge list given for the backward pass (t_*). ``x`` may have
+    # another number of rows than the output (a rectangular A, e.g. RGCNConv's (node, relation) rows).
+    dx = _weighted_segment_sum(g, t_receivers, t_senders, t_weights, x.shape[0], is_sorted)
     # d w_e = <g[r_e], x[s_e]>  (removed by XLA when nobody asks for it).
     dw = jnp.sum(g[receivers] * x[senders], axis=-1).astype(weights.dtype)
     return dx, dw, None, None, None, None, jnp.zeros_like(t_weights)
@@ -397,15 +405,26 @@ class GCNConv(nn.Module):
 
 
 class GATConv(nn.Module):
-    """Graph attention (Velickovic et al.) with PyTorch Geometric ``GATConv`` semantics (no edge features, no
-    attention dropout).
+    """Graph attention (Velickovic et al.) with PyTorch Geometric ``GATConv`` semantics, optionally with edge
+    features (PyG's ``edge_dim``); no attention dropout.
 
     Per head ``k``: ``x = X W`` split into ``[N, H, C]``;
-    ``alpha_ji = softmax_{j in N(i)} LeakyReLU(a_src . x_j + a_dst . x_i)``; ``out_i = sum_j alpha_ji x_j``;
-    heads are concatenated (``concat``) or averaged; then ``+ bias``. ``add_self_loops`` first removes existing self
-    loops and then adds exactly one per node (PyG's ``remove_self_loops`` + ``add_self_loops``); duplicate edges
-    enter the softmax separately. Params: ``kernel [F_in, H*C]`` (= PyG ``lin.weight.T``), ``att_src``/``att_dst``
-    ``[H, C]`` (= PyG ``att_src[0]``), ``bias [H*C]`` or ``[C]``.
+    ``alpha_ji = softmax_{j in N(i)} LeakyReLU(a_src . x_j + a_dst . x_i [+ a_edge . (W_e e_ji)])``;
+    ``out_i = sum_j alpha_ji x_j``; heads are concatenated (``concat``) or averaged; then ``+ bias``.
+    ``add_self_loops`` first removes existing self loops and then adds exactly one per node (PyG's
+    ``remove_self_loops`` + ``add_self_loops``); duplicate edges enter the softmax separately.
+
+    Edge features (``edge_dim`` set, ``apply(params, graph, edge_attr)`` with ``edge_attr [E, edge_dim]``, or ``[E]``
+    when ``edge_dim == 1``): ``W_e`` (param ``lin_edge [edge_dim, H*C]``, no bias) projects each edge's features to
+    ``[H, C]`` and ``a_edge`` (param ``att_edge [H, C]``) scores them, as PyG's ``GATConv(edge_dim=...)``. With
+    ``add_self_loops`` the added loop of node ``i`` gets the mean of the features of ``i``'s incoming edges (self
+    loops and padding excluded; 0 without any), PyG's ``fill_value="mean"``. Without ``edge_attr`` the edge term is
+    left out (as PyG). Edge *types* enter as features: ``edge_attr = nn.Embed(num_types, d)(edge_type)`` (learned, in
+    the enclosing module) or ``jax.nn.one_hot(edge_type, num_types)``.
+
+    Params: ``kernel [F_in, H*C]`` (= PyG ``lin.weight.T``), ``att_src``/``att_dst`` ``[H, C]`` (= PyG
+    ``att_src[0]``), ``bias [H*C]`` or ``[C]``; with ``edge_dim``: ``lin_edge [edge_dim, H*C]`` (= PyG
+    ``lin_edge.weight.T``), ``att_edge [H, C]`` (= PyG ``att_edge[0]``).
 
     Returns:
       ``[N, H*C]`` (concat) or ``[N, C]``.
@@ -416,6 +435,11 @@ class GATConv(nn.Module):
     >>> m = GATConv(features=4, heads=2)
     >>> m.apply(m.init(jax.random.key(0), g), g).shape
     (3, 8)
+    >>> typed = GATConv(features=4, heads=2, edge_dim=3)  # edge types 0..2 as one-hot edge features
+    >>> edge_attr = jax.nn.one_hot(np.array([2, 0]), 3)
+    >>> p = typed.init(jax.random.key(0), g, edge_attr)["params"]
+    >>> typed.apply({"params": p}, g, edge_attr).shape, p["lin_edge"].shape, p["att_edge"].shape
+    ((3, 8), (3, 8), (2, 4))
     """
 
     features: int
@@ -425,13 +449,15 @@ class GATConv(nn.Module):
     add_self_loops: bool = True
     use_bias: bool = True
     kernel_init: Callable = glorot
+    edge_dim: int | None = None
 
     @nn.compact
-    def __call__(self, graph: gr.Graph) -> Array:
+    def __call__(self, graph: gr.Graph, edge_attr=None) -> Array:
         h = _nodes(graph)
         n, H, C = h.shape[0], self.heads, self.features
         if H < 1 or C < 1:
             raise ValueError(f"heads and features must be >= 1, got heads={H}, features={C}.")
+        edge_attr = self._check_edge_attr(edge_attr, graph)
         x = (h @ self.param("kernel", self.kernel_init, (h.shape[-1], H * C), h.dtype)).reshape(n, H, C)
         att_src = self.param("att_src", glorot, (H, C), h.dtype)
         att_dst = self.param("att_dst", glorot, (H, C), h.dtype)
@@ -440,16 +466,178 @@ class GATConv(nn.Module):
         mask = gr.edge_mask(graph)
         if self.add_self_loops:
             mask = mask & (s != r)
+            if edge_attr is not None:  # PyG's fill_value="mean": a loop gets the mean of the node's incoming edges
+                loop_attr = segment.segment_mean(edge_attr, r, n, mask=mask)
+                edge_attr = jnp.concatenate([edge_attr, loop_attr.astype(edge_attr.dtype)])
             loops = jnp.arange(n, dtype=jnp.int32)
             s, r = jnp.concatenate([s, loops]), jnp.concatenate([r, loops])
             mask = jnp.concatenate([mask, jnp.ones((n,), bool)])
-        logits = nn.leaky_relu(a_src[s] + a_dst[r], self.negative_slope)  # [E', H]
+        logits = a_src[s] + a_dst[r]  # [E', H]
+        if self.edge_dim is not None:
+            lin_edge = self.param("lin_edge", self.kernel_init, (self.edge_dim, H * C), h.dtype)
+            att_edge = self.param("att_edge", glorot, (H, C), h.dtype)
+            if edge_attr is not None:
+                # a_edge . (W_e e) = e . (W_e a_edge): one [edge_dim, H] matrix, no [E, H, C] projection.
+                logits = logits + edge_attr @ jnp.einsum("dhc,hc->dh", lin_edge.reshape(-1, H, C), att_edge)
+        logits = nn.leaky_relu(logits, self.negative_slope)
         alpha = segment.segment_softmax(logits, r, n, mask=mask)
         out = jax.ops.segment_sum(alpha[..., None] * x[s], r, n)  # [N, H, C]
         out = out.reshape(n, H * C) if self.concat else out.mean(axis=1)
         if self.use_bias:
             out = out + self.param("bias", nn.initializers.zeros, (out.shape[-1],), h.dtype)
         return out
+
+    def _check_edge_attr(self, edge_attr, graph):
+        if self.edge_dim is not None and (not isinstance(self.edge_dim, int) or self.edge_dim < 1):
+            raise ValueError(f"edge_dim must be None or an int >= 1, got {self.edge_dim!r}.")
+        if edge_attr is None:
+            return None
+        if self.edge_dim is None:
+            raise ValueError(
+                f"edge_attr was given (shape {np.shape(edge_attr)}) but edge_dim is None; set "
+                "GATConv(edge_dim=edge_attr.shape[-1]) to use edge features."
+            )
+        e = graph.senders.shape[0]
+        edge_attr = jnp.asarray(edge_attr)
+        if edge_attr.ndim == 1 and self.edge_dim == 1:
+            edge_attr = edge_attr[:, None]  # PyG views [E] as [E, 1]
+        if edge_attr.shape != (e, self.edge_dim):
+            raise ValueError(
+                f"edge_attr must have shape [E={e}, edge_dim={self.edge_dim}] (one row per edge), got "
+                f"{tuple(np.shape(edge_attr))}."
+            )
+        if not jnp.issubdtype(edge_attr.dtype, jnp.floating):
+            raise ValueError(
+                f"edge_attr must be floating point, got dtype {edge_attr.dtype}; embed integer edge types first "
+                "(nn.Embed(num_types, d)(edge_type) or jax.nn.one_hot(edge_type, num_types))."
+            )
+        return edge_attr
+
+
+RGCN_AGGRS = ("mean", "sum", "add", "max")
+
+
+class RGCNConv(nn.Module):
+    """Relational graph convolution (Schlichtkrull et al. 2018) with PyTorch Geometric ``RGCNConv`` semantics.
+
+    Every edge ``j -> i`` carries a relation ``r = edge_type[e]`` in ``[0, num_relations)``; ``N_r(i)`` are the
+    senders of the edges of relation ``r`` into ``i`` (duplicates count separately)::
+
+        out_i = x_i @ root + sum_r AGG_{j in N_r(i)} x_j @ W_r + bias
+
+    ``aggr="mean"`` averages per (receiver, relation) (an empty ``N_r(i)`` adds 0), ``"sum"`` (or ``"add"``) sums.
+    ``"max"`` takes the feature-wise maximum of the *inputs*, ``(max_{j in N_r(i)} x_j) @ W_r`` (0 for an empty
+    ``N_r(i)``), as PyG does (it aggregates before transforming). Basis decomposition (``num_bases=B``):
+    ``W_r = sum_b comp[r, b] weight[b]``. ``root_weight=False`` drops the ``root`` term, ``use_bias=False`` the bias.
+
+    Params (PyG's names, shapes and initialisation): ``weight [R, F_in, F]`` (or ``[B, F_in, F]`` with bases),
+    ``comp [R, B]`` (with bases), ``root [F_in, F]``, ``bias [F]``; Glorot over the last two axes, bias 0.
+
+    Call ``apply(params, graph, edge_type)`` with ``edge_type`` an int ``[E]`` array (one relation per edge, in the
+    order of ``graph.senders``), or leave it out to read the types from ``graph.edges`` (an int ``[E]`` array there
+    is batched and padded with the graph; :func:`mmjax.graph.pad` fills padding edges with type 0). Padding edges
+    are masked; under ``jit``, an edge with a type outside ``[0, num_relations)`` is ignored (outside ``jit`` it
+    raises ``ValueError``).
+
+    Cost: sum/mean transform all nodes by all relations once (``[N, R, F]``, one matmul) and aggregate one
+    ``F``-row per edge at the receivers, weighted by ``1 / |N_r(i)|`` for the mean (when ``F > F_in`` it
+    aggregates the ``F_in``-rows per (receiver, relation) first and transforms after); max aggregates per
+    (receiver, relation) and transforms after. Memory ``O(N R max(F_in, F) + E)``: no per-edge ``[E, F_in, F]``
+    weights, but for very many relations the ``[N, R, F]`` table is the limit.
+
+    Returns:
+      ``[N, F]`` node features.
+
+    >>> import jax, numpy as np
+    >>> g = gr.Graph(nodes=np.ones((3, 5), np.float32), senders=np.array([0, 1, 2]), receivers=np.array([1, 2, 2]),
+    ...              n_node=np.array([3]), n_edge=np.array([3]))
+    >>> edge_type = np.array([0, 1, 1])
+    >>> m = RGCNConv(features=4, num_relations=2, num_bases=2)
+    >>> p = m.init(jax.random.key(0), g, edge_type)["params"]
+    >>> m.apply({"params": p}, g, edge_type).shape, {k: v.shape for k, v in p.items()}
+    ((3, 4), {'weight': (2, 5, 4), 'comp': (2, 2), 'root': (5, 4), 'bias': (4,)})
+    >>> x, W = g.nodes, np.einsum("rb,bio->rio", p["comp"], p["weight"])
+    >>> want_2 = x[2] @ p["root"] + (x[1] + x[2]) / 2 @ W[1]  # node 2: mean over its two relation-1 edges
+    >>> bool(np.allclose(m.apply({"params": p}, g, edge_type)[2], want_2, atol=1e-5))
+    True
+    """
+
+    features: int
+    num_relations: int
+    num_bases: int | None = None
+    aggr: str = "mean"
+    root_weight: bool = True
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, graph: gr.Graph, edge_type=None) -> Array:
+        F, R, B = self.features, self.num_relations, self.num_bases
+        for name, v in (("features", F), ("num_relations", R)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+        if B is not None and (not isinstance(B, (int, np.integer)) or isinstance(B, bool) or B < 1):
+            raise ValueError(f"num_bases must be None or an int >= 1, got {B!r}.")
+        if self.aggr not in RGCN_AGGRS:
+            raise ValueError(f"aggr must be one of {RGCN_AGGRS}, got {self.aggr!r}.")
+        h = _nodes(graph)
+        t = _check_edge_type(edge_type, graph, R)
+        n, f_in = h.shape
+        if B is None:
+            W = self.param("weight", _glorot_stacked, (R, f_in, F), h.dtype)
+        else:
+            weight = self.param("weight", _glorot_stacked, (B, f_in, F), h.dtype)
+            comp = self.param("comp", glorot, (R, B), h.dtype)
+            W = jnp.einsum("rb,bio->rio", comp, weight)
+        s, r = jnp.asarray(graph.senders).astype(jnp.int32), jnp.asarray(graph.receivers).astype(jnp.int32)
+        mask = gr.edge_mask(graph) & (t >= 0) & (t < R)
+        t = jnp.clip(t, 0, R - 1)
+        seg = r * R + t  # the (receiver, relation) pair of each edge: row i * R + r of an [N * R, ...] table
+        if self.aggr == "max":
+            agg = segment.segment_max(h[s], seg, n * R, mask=mask)  # [N * R, F_in]
+            out = agg.reshape(n, R * f_in) @ W.reshape(R * f_in, F)
+        else:
+            w = mask.astype(h.dtype)
+            if self.aggr == "mean":
+                w = w / jnp.maximum(jax.ops.segment_sum(w, seg, n * R), 1)[seg]
+            if F <= f_in:  # transform first: gather one F-row of x @ W_r per edge, sum at the receivers
+                xw = (h @ W.transpose(1, 0, 2).reshape(f_in, R * F)).reshape(n * R, F)  # row j * R + r: x_j @ W_r
+                out = propagate(xw, s * R + t, r, w, n)
+            else:  # aggregate the (narrower) inputs per (receiver, relation) first, then transform
+                agg = propagate(h, s, seg, w, n * R)  # [N * R, F_in]
+                out = agg.reshape(n, R * f_in) @ W.reshape(R * f_in, F)
+        if self.root_weight:
+            out = out + h @ self.param("root", glorot, (f_in, F), h.dtype)
+        if self.use_bias:
+            out = out + self.param("bias", nn.initializers.zeros, (F,), h.dtype)
+        return out
+
+
+def _check_edge_type(edge_type, graph, num_relations):
+    name = "edge_type"
+    if edge_type is None:
+        if graph.edges is None:
+            raise ValueError(
+                "edge_type must be given: an int array [E] with the relation of each edge (or store it in "
+                "graph.edges); got None and graph.edges is None."
+            )
+        edge_type, name = graph.edges, "graph.edges (used as edge_type)"
+    e = graph.senders.shape[0]
+    if np.ndim(edge_type) != 1 or np.shape(edge_type)[0] != e:
+        raise ValueError(
+            f"{name} must have shape [E={e}] like senders (one relation id per edge), got {tuple(np.shape(edge_type))}."
+        )
+    dtype = edge_type.dtype if hasattr(edge_type, "dtype") else np.asarray(edge_type).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer relation ids, got dtype {dtype}; cast with .astype(np.int32).")
+    if gr.is_concrete(edge_type) and e > 0:
+        a = np.asarray(edge_type)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= num_relations:
+            raise ValueError(
+                f"{name} has values out of range [0, num_relations={num_relations}): min {lo}, max {hi}; "
+                "every edge must name an existing relation."
+            )
+    return jnp.asarray(edge_type).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

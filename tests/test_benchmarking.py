@@ -124,6 +124,13 @@ def test_every_benchmarks_sides_run_at_a_tiny_size(benchmarking):
         sums[path] = out["checksum"]
     for path, checksum in sums.items():  # same graph, same weights: the same output on every path
         np.testing.assert_allclose(checksum, sums["pyg edge_index"], rtol=1e-4, err_msg=path)
+    rgcn = {}
+    for path in bench_gnn.RGCN_PATHS:
+        out = bench_gnn.SIDES[path](graph="tiny", steps=1, warmup=0)
+        _check_timed(out, "fwd_")
+        _check_timed(out, "fwdbwd_")
+        rgcn[path] = out["checksum"]
+    np.testing.assert_allclose(rgcn["mmjax rgcn"], rgcn["pyg rgcn"], rtol=1e-4)
     for impl in bench_attention.IMPLS:
         out = bench_attention.SIDES[impl](T=32, causal=True, mode="fwdbwd")
         assert out["peak_mib"] >= 0 and 1 <= len(out["wall_s"]) <= 5
