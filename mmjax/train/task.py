@@ -124,6 +124,7 @@ TASKS: dict[str, str] = {
     "diffusion": "mmjax.train.diffusion:DiffusionTask",
     "captioning": "mmjax.train.captioning:CaptioningTask",
     "coca": "mmjax.train.coca:CoCaTask",
+    "detection": "mmjax.train.detection:DetectionTask",
 }
 
 

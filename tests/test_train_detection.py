@@ -1,0 +1,247 @@
+"""The detection task (mmjax.train.detection) through the engine: queries and targets as documented, the loss is
+mmjax.detection.detection_loss of the model's outputs, parallel modes agree (float64 proof, float32 bound), a
+preempted run resumes bit-exactly, the report's AP is coco_ap of the saved predictions, a CLIP run drops in
+(--config.init_from), bad settings are refused."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.data import detection as dd
+from mmjax.detection import detection_loss
+from mmjax.errors import ConfigError, UserError
+from mmjax.evaluate import coco_ap
+from mmjax.keypath import set_path
+from mmjax.train import make_task, prepare_config, train_and_evaluate
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.detection import VOCABULARY, DetectionTask
+from tests.test_train_task import run
+from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
+
+SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
+MODEL = {
+    "embed_dim": 8,
+    "patch_size": 4,
+    "vision_width": 16,
+    "vision_depth": 1,
+    "vision_heads": 2,
+    "vision_mlp_dim": 32,
+    "vision_stem_features": (),
+    "text_width": 16,
+    "text_depth": 1,
+    "text_heads": 2,
+    "text_mlp_dim": 32,
+    "attention_implementation": "reference",
+}
+
+
+def _config(**overrides) -> dict:
+    config = {
+        "task": "detection",
+        "seed": 0,
+        "model": dict(MODEL),
+        "data": {"image_size": 16, "max_items": 2, "num_test": 8, "num_heldout": 8},
+        "detection": {"num_queries": 6, "plot_examples": 3},
+        "batch_size": 16,
+        "eval_batch_size": 8,
+        "num_steps": 4,
+        "optimizer": {"lr": 3e-3, "warmup_steps": 0},
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
+    }
+    for key, value in overrides.items():
+        set_path(config, key, value)
+    return config
+
+
+class SigtermDetectionTask(DetectionTask):
+    """Sends itself SIGTERM while loading the batch of step ``$MMJAX_TEST_SIGTERM_AT_STEP`` (1-based)."""
+
+    def train_batches(self, start_step):
+        stop = int(os.environ.get(SIGTERM_ENV, "0"))
+        for step, batch in enumerate(super().train_batches(start_step), start=start_step + 1):
+            if step == stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(prepare_config(_config()))
+
+
+def test_queries_are_the_images_phrases_then_training_negatives(task):
+    batch = next(task.train_batches(0))
+    again = next(task.train_batches(0))
+    for key in batch:
+        np.testing.assert_array_equal(batch[key], again[key])  # a function of the seed and the step
+    held = set(dd.heldout_labels().tolist())
+    for b in range(len(batch["image"])):
+        valid = batch["valid"][b]
+        combos = set((batch["item"][b][valid] * 8 + batch["colour"][b][valid]).tolist())
+        items = set((80 + batch["item"][b][valid]).tolist())
+        query = batch["query"][b][batch["query_mask"][b]].tolist()
+        assert len(query) == 6 == len(set(query))
+        positives = [q for q in query if q in combos | items]
+        assert query[: len(positives)] == positives and set(positives) == (combos | items)
+        assert not held & set(query)
+    targets = np.asarray(task._targets(*(jnp.asarray(batch[k]) for k in ("item", "colour", "valid", "query"))))
+    for b, k, q in zip(*np.nonzero(targets)):  # a box answers its combination and its item phrase, nothing else
+        assert VOCABULARY[batch["query"][b, q]] in (
+            dd.phrase(batch["item"][b, k], batch["colour"][b, k]),
+            dd.ITEM_PHRASES[batch["item"][b, k]],
+        )
+    assert targets.sum() == 2 * batch["valid"].sum()
+
+
+def test_the_loss_is_detection_loss_of_the_model_outputs(task):
+    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
+    params = task.init_params(jax.random.key(0), batch)
+    loss, metrics = task.loss(params, batch, jax.random.key(1), train=False)
+    q = task.model.apply({"params": params}, task.vocab_ids[np.asarray(batch["query"])], method="embed_queries")
+    out = task.model.apply({"params": params}, task._images(batch["image"]), query_embeds=q)
+    targets = task._targets(batch["item"], batch["colour"], batch["valid"], batch["query"])
+    want, aux = detection_loss(out.logits, out.boxes, targets, batch["boxes"], batch["valid"], batch["query_mask"])
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["giou_loss"]), float(aux["giou_loss"].mean()), rtol=1e-6)
+
+
+def test_parallel_modes_agree_in_float64_and_float32():
+    """single / pmap (8 devices) / sharded: one optimizer step from the same params (the loss is a mean of per-image
+    losses). Adam eps 1e-2 as the other task tests: parameters with identically-zero gradients stay put."""
+    config = prepare_config(_config())
+    opt = {"eps": 1e-2, "grad_clip": 1.0}
+
+    def in_float64(t):
+        batches, init = t.train_batches, t.init_params
+        t.train_batches = lambda start: (to_float64(b) for b in batches(start))
+        t.init_params = lambda rng, batch: to_float64(init(rng, batch))
+        return t
+
+    with float64():
+        reference64 = run(in_float64(make_task(config)), "single", steps=1, **opt)
+        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
+        for mode in ("pmap", "sharded"):
+            got = run(in_float64(make_task(config)), mode, steps=1, **opt)
+            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
+    reference = run(make_task(config), "single", steps=1, **opt)
+    # clipped gradients (global norm 1): a mean over 16 images x 16 tokens x 6 queries through a few layers
+    dg = float32_atol(1.0, terms=4 * np.sqrt(16 * 16 * 6))
+    for mode in ("pmap", "sharded"):
+        got = run(make_task(config), mode, steps=1, **opt)
+        for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
+            atol = adam_params_atol(steps=1, lr=0.05, adam_eps=1e-2, grad_atol=dg, param_scale=np.abs(want).max())
+            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
+
+
+def _saved(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    tree = ckpt._manager.restore(ckpt.latest_step())
+    ckpt.close()
+    return jax.device_get(tree)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("detection") / "run")
+    return workdir, train_and_evaluate(_config(), workdir)
+
+
+def test_a_preempted_run_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
+    reference_dir, reference = tiny_run
+    config = _config(task="tests.test_train_detection:SigtermDetectionTask", **{"detection.final_report": False})
+    workdir = str(tmp_path / "interrupted")
+    monkeypatch.setenv(SIGTERM_ENV, "3")  # stops after step 3, between the checkpoints of steps 2 and 4
+    first = train_and_evaluate(config, workdir)
+    assert first["preempted"] is True and first["step"] == 3
+    monkeypatch.delenv(SIGTERM_ENV)
+    resumed = train_and_evaluate(config, workdir)
+    assert resumed["step"] == 4
+    got, want = _saved(workdir), _saved(reference_dir)
+    for tree in ("params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, got[tree], want[tree])
+    assert resumed["eval_grounding_recall"] == reference["eval_grounding_recall"]
+
+
+def test_the_report_is_coco_ap_of_the_predictions(tiny_run):
+    workdir, result = tiny_run
+    task = make_task(prepare_config(_config()), workdir=workdir)
+    params = _saved(workdir)["params"]
+    held = task._eval_canvases("heldout")
+    detections = task.predict(params, held.images, np.arange(80))
+    assert all(len(d["scores"]) == 100 and np.all(np.diff(d["scores"]) <= 0) for d in detections)
+    assert all((d["boxes"] >= 0).all() and (d["boxes"] <= 16).all() for d in detections)
+    truth = [{"boxes": b[v], "labels": lb[v]} for b, lb, v in zip(held.boxes, held.label, held.valid)]
+    want = coco_ap(truth, detections)
+    for key in ("AP", "AP50", "AP75"):
+        assert result[f"eval_heldout_{key}"] == pytest.approx(want[key], abs=1e-12)
+        for name in ("seen", "item"):
+            assert 0.0 <= result[f"eval_{name}_{key}"] <= 1.0
+    assert (
+        0.0 <= result["eval_grounding_recall"] <= 1.0
+        and result["eval_count"] == task._eval_canvases("test").valid.sum()
+    )
+    assert open(result["eval_detections_png"], "rb").read(4) == b"\x89PNG"
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert json.load(f)["heldout_AP50"] == result["eval_heldout_AP50"]
+
+
+def test_a_clip_run_drops_in_with_its_tokenizer(tmp_path):
+    clip_dir = str(tmp_path / "clip")
+    clip = {
+        "task": "contrastive",
+        "model": {**MODEL},
+        "data": {"image_size": 16, "num_train": 32, "num_test": 8, "num_heldout": 8},
+        "contrastive": {"final_report": False},
+        "batch_size": 16,
+        "eval_batch_size": 8,
+        "num_steps": 1,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
+    }
+    train_and_evaluate(clip, clip_dir)
+    clip_params = _saved(clip_dir)["params"]
+    workdir = str(tmp_path / "detect")
+    config = prepare_config(_config(init_from=clip_dir, **{"data.colour_space": "hsv"}))
+    task = make_task(config, workdir=workdir)
+    assert task.data_cfg.colour_space == "rgb"  # the CLIP run's normalisation replaces the config's
+    params = task.init_params(jax.random.key(0), next(task.train_batches(0)))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["clip"]), clip_params)
+    with open(os.path.join(clip_dir, "vocab.json")) as a, open(os.path.join(workdir, "vocab.json")) as b:
+        assert a.read() == b.read()
+    with pytest.raises(ConfigError, match="image_size=32 differs from the model's image size 16"):
+        make_task(prepare_config(_config(init_from=clip_dir, **{"data.image_size": 32})))
+    with pytest.raises(ConfigError, match="is not a CLIP run to start from"):
+        make_task(prepare_config(_config(init_from=str(tmp_path / "missing"))))
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("detection.focal_alpha", 1.5, "focal_alpha=1.5 must be a number in"),
+        ("detection.num_queries", 0, "num_queries=0 must be an int >= 1"),
+        ("detection.matcher", "greedy", "valid choices"),
+        ("detection.giou_weight", -1.0, "giou_weight=-1.0 must be a number >= 0"),
+        ("data.max_overlap", 2.0, "max_overlap must lie in"),
+        ("data.mosaic_sizes", (1, 2), "mosaic cells of 8 px"),
+        ("model.name", "clip", "not valid for the detection task"),
+        ("model.vision_width", 15, "divisible"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_value(key, value, match):
+    with pytest.raises(UserError, match=match):
+        make_task(prepare_config(_config(**{key: value})))
+
+
+def test_a_typo_in_the_model_section_names_the_closest_key():
+    with pytest.raises(ConfigError, match="vision_width"):
+        prepare_config(_config(**{"model.vision_widht": 16}))
