@@ -348,9 +348,9 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_images(paths: list[str], size: int):
-    """The files ``paths`` as uint8 ``[N, size, size, 3]`` RGB (as the training images); a file PIL cannot read is
-    a :class:`UserError` naming it."""
+def _load_images(paths: list[str], size: int | None):
+    """The files ``paths`` as uint8 ``[N, size, size, 3]`` RGB (as the training images; ``size=None``: as they are);
+    a file PIL cannot read is a :class:`UserError` naming it."""
     import numpy as np
     from PIL import Image
 
@@ -361,7 +361,7 @@ def _load_images(paths: list[str], size: int):
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")  # also reads the pixels: a truncated file fails here
-                if image.size != (size, size):
+                if size is not None and image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BILINEAR)
                 out.append(np.asarray(image, np.uint8))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -415,6 +415,77 @@ def _run_caption(args) -> int:
     )
     for path, text, score in zip(args.images, texts, scores):
         print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- detect
+def _add_detect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a detection training run's directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG) of the run's image size")
+    p.add_argument(
+        "--query", action="append", default=[], metavar="TEXT", help='a text query, e.g. "a red sneaker" (repeatable)'
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.3, metavar="S", help="also print further boxes scoring at least S (0.3)"
+    )
+    p.add_argument("--out", default=None, metavar="PNG", help="draw the images with their boxes into this PNG file")
+    p.epilog = (
+        "Prints one line per box: PATH<TAB>QUERY<TAB>x0 y0 x1 y1<TAB>score (pixels; score = sigmoid probability). "
+        "For each query the best box is printed, then every other box scoring at least --threshold that overlaps no "
+        "better box of that query (IoU < 0.5). Images must have the run's config.data.image_size; queries are any "
+        "text, read with the run's tokenizer."
+    )
+
+
+def _run_detect(args) -> int:
+    import numpy as np
+
+    from mmjax.train import restore_run
+    from mmjax.train.loop import load_config
+
+    if args.overrides:
+        raise UserError(f"--config.{args.overrides[0][0]}: mmjax detect takes no config overrides")
+    if not args.query:
+        raise UserError('no query given: add one or more --query "a red sneaker"')
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold={args.threshold} is not valid; expected a score in [0, 1]")
+    saved = load_config(args.workdir)
+    if saved.get("task") != "detection":
+        raise UserError(
+            f"--workdir {args.workdir!r} is a {saved.get('task')!r} run; mmjax detect needs a 'detection' run "
+            "(train one with mmjax train --config experiments/detect_fashion_mnist.py --workdir DIR)"
+        )
+    size = int(saved.data.image_size)
+    pixels = []
+    for path in args.images:
+        image = _load_images([path], None)[0]
+        if image.shape[:2] != (size, size):
+            raise UserError(
+                f"IMAGE {path!r} is {image.shape[1]}x{image.shape[0]} px; the run detects in {size}x{size} images "
+                "(config.data.image_size): resize it first"
+            )
+        pixels.append(image)
+    pixels = np.stack(pixels)
+    _, task, params, _ = restore_run(args.workdir, {"detection": {"final_report": False}})
+    found = task.detect_phrases(params, pixels, args.query, threshold=args.threshold)
+    for path, boxes in zip(args.images, found):
+        for d in boxes:
+            print(f"{path}\t{d['query']}\t" + " ".join(f"{v:.1f}" for v in d["box"]) + f"\t{d['score']:.4f}")
+    if args.out:
+        from mmjax.train.detection import draw_detections
+
+        dets = []
+        for boxes in found:
+            keep = [d for d in boxes if d["score"] >= args.threshold]
+            dets.append(
+                {
+                    "boxes": np.array([d["box"] for d in keep]).reshape(-1, 4),
+                    "labels": np.array([args.query.index(d["query"]) for d in keep], int),
+                    "scores": np.array([d["score"] for d in keep]),
+                }
+            )
+        draw_detections(pixels, dets, list(args.query), args.out, threshold=args.threshold)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -533,6 +604,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "eval": ("evaluate the latest checkpoint of a training run", _add_eval_args, _run_eval),
     "generate": ("draw images for prompts with a diffusion run", _add_generate_args, _run_generate),
     "caption": ("print captions of image files with a captioning run", _add_caption_args, _run_caption),
+    "detect": ("print the boxes of text queries in image files with a detection run", _add_detect_args, _run_detect),
     "convert": (
         "convert CLIP or ViT-GPT2 captioner weights between Hugging Face and mmjax layouts",
         _add_convert_args,

@@ -73,17 +73,35 @@ def _logit(p):
     return jnp.log(p) - jnp.log1p(-p)
 
 
-def box_bias(grid: int, dtype=jnp.float32) -> Array:
-    """``[grid * grid, 4]`` logits of each token's own cell, row-major: ``logit((j + 0.5) / g)``,
-    ``logit((i + 0.5) / g)`` for the centre (x, then y) of cell ``(i, j)`` and ``logit(1 / g)`` for width and height
-    (``sigmoid`` of the bias is the cell's box; ``1 / g`` is clipped to ``1 - 1e-4`` for ``g = 1``).
+ANCHORS = ("centre", "corner")
+
+
+def box_bias(grid: int, dtype=jnp.float32, anchor: str = "centre") -> Array:
+    """``[grid * grid, 4]`` logits that put each token's box on its own cell of a ``g x g`` grid, row-major.
+
+    ``anchor="centre"``: ``logit((j + 0.5) / g)``, ``logit((i + 0.5) / g)`` for the centre (x, then y) of cell
+    ``(i, j)`` and ``logit(1 / g)`` for width and height (``sigmoid`` of the bias is the cell's box; ``1 / g`` is
+    clipped to ``1 - 1e-4`` for ``g = 1``). ``anchor="corner"``: OWL-ViT's bias (scenic, Hugging Face): the cell's
+    bottom-right corner ``c = ((j + 1) / g, (i + 1) / g)`` and size ``1 / g`` through
+    ``log(c + 1e-4) - log1p(-c + 1e-4)``.
 
     >>> import numpy as np
     >>> np.asarray(jax.nn.sigmoid(box_bias(2))).round(3).tolist()
     [[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]
+    >>> np.asarray(jax.nn.sigmoid(box_bias(2, anchor="corner"))).round(3)[0].tolist()
+    [0.5, 0.5, 0.5, 0.5]
     """
     if int(grid) < 1:
         raise ValueError(f"grid must be a positive int (tokens per side), got {grid!r}.")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor={anchor!r} is not valid; choose one of {ANCHORS}.")
+    if anchor == "corner":
+        corner = jnp.arange(1, grid + 1, dtype=dtype) / grid
+        cy, cx = jnp.meshgrid(corner, corner, indexing="ij")
+        xy = jnp.clip(jnp.stack([cx.ravel(), cy.ravel()], axis=-1), 0.0, 1.0)
+        size = jnp.full((grid * grid, 2), 1.0 / grid, dtype)
+        eps_logit = lambda v: jnp.log(v + 1e-4) - jnp.log1p(-v + 1e-4)  # noqa: E731
+        return jnp.concatenate([eps_logit(xy), eps_logit(size)], axis=-1)
     centres = (jnp.arange(grid, dtype=dtype) + 0.5) / grid
     cy, cx = jnp.meshgrid(centres, centres, indexing="ij")
     size = jnp.full((grid * grid, 2), min(1.0 / grid, 1.0 - 1e-4), dtype)
@@ -178,6 +196,7 @@ class BoxHead(nn.Module):
     width: int
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    anchor: str = "centre"
 
     @nn.compact
     def __call__(self, tokens: Array) -> Array:
@@ -193,7 +212,7 @@ class BoxHead(nn.Module):
             )
         raw = nn.Dense(4, dtype=self.dtype, param_dtype=self.param_dtype, name="dense2")(h)
         wide = jnp.promote_types(raw.dtype, jnp.float32)
-        return jax.nn.sigmoid(raw.astype(wide) + box_bias(grid, wide))
+        return jax.nn.sigmoid(raw.astype(wide) + box_bias(grid, wide, self.anchor))
 
 
 class OWLViT(nn.Module):
@@ -203,6 +222,8 @@ class OWLViT(nn.Module):
       config: the CLIP config (a :class:`mmjax.clip.CLIPConfig`, a name in :data:`mmjax.clip.CONFIGS`, a dict).
       dtype, param_dtype: as :class:`mmjax.clip.CLIP`; the heads compute in ``dtype`` and return float32 (or wider).
       prior_prob: initial probability of every (token, query) pair.
+      box_anchor: ``"centre"`` (each token's box starts on its cell) or ``"corner"`` (OWL-ViT's bias, as Hugging
+        Face's ``OwlViTForObjectDetection``; :func:`box_bias`).
 
     Methods (``model.apply(..., method=...)``):
       ``__call__(images, query_ids=None, *, query_embeds=None, query_mask=None, train=False)`` ->
@@ -224,6 +245,7 @@ class OWLViT(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     prior_prob: float = PRIOR_PROB
+    box_anchor: str = "centre"
 
     def setup(self):
         cfg = as_config(self.config)
@@ -235,7 +257,7 @@ class OWLViT(nn.Module):
             epsilon=cfg.vision_layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_norm"
         )
         self.class_head = ClassHead(cfg.embed_dim, self.prior_prob, self.dtype, self.param_dtype)
-        self.box_head = BoxHead(cfg.vision_width, self.dtype, self.param_dtype)
+        self.box_head = BoxHead(cfg.vision_width, self.dtype, self.param_dtype, self.box_anchor)
 
     def image_tokens(self, images: Array, train: bool = False) -> Array:
         """``[B, P, W]``: CLIP's image tokens after ``post_norm``, the class token merged in (see the module

@@ -31,6 +31,7 @@ NOTEBOOKS = (
     "05_numerical_reference",
     "06_captioning",
     "07_diffusion",
+    "09_detection",
 )
 CELL_TIMEOUT_S = 300  # per cell; a quick notebook takes well under a minute on an idle 2-core machine
 
@@ -126,6 +127,14 @@ def check_07_diffusion(s):
     assert s["manual_ddim_vs_sample"] < 1e-4 * max(1.0, s["sample_scale"]), s
     assert s["guidance1_vs_conditional"] < 1e-4 * max(1.0, s["guidance_sample_scale"]), s
     assert sorted(s["colour_match"]) == ["0", "1", "3", "6"], s
+
+
+def check_09_detection(s):
+    assert s["steps"] == s["num_steps"] > 0, f"the run stopped before its configured steps: {s}"
+    assert s["final_loss"] < 0.5 * s["first_train_loss"], f"detection loss did not go down: {s}"
+    # the drawn top detection is the best (token, query) pair; both matchers give the same assignment and loss
+    assert s["top_score_error"] < 1e-6 and s["matchers_agree"], s
+    assert 0.0 <= s["test_AP50"] <= 1.0 and 0.0 <= s["heldout_AP50"] <= 1.0 and s["grounding_recall"] > 0.1, s
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in NOTEBOOKS}

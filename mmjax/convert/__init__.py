@@ -39,6 +39,7 @@ CONVERTERS: dict[str, str | Callable[..., Any]] = {
     "vit": "mmjax.convert.hf_vit:from_hf_state_dict",
     "clip": "mmjax.convert.hf_clip:from_hf_state_dict",
     "vision-encoder-decoder": "mmjax.convert.hf_vision_encoder_decoder:from_hf_state_dict",
+    "owlvit": "mmjax.convert.hf_owlvit:from_hf_state_dict",
 }
 
 

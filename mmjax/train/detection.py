@@ -460,6 +460,43 @@ class DetectionTask:
             self._predict_jit = jax.jit(predict, static_argnums=3)
         return self._predict_jit
 
+    def detect_phrases(self, params, images, phrases, threshold: float = 0.3, iou: float = 0.5) -> list[list[dict]]:
+        """Free-text detection: for each image ``uint8 [N, S, S, 3]`` and each phrase, the best box and every other
+        box scoring at least ``threshold`` that overlaps no better box of the same phrase by IoU ``>= iou``.
+
+        Returns per image a list of ``{"query", "box" (x0, y0, x1, y1 pixels), "score"}``, best first per query.
+
+        Raises:
+          ValueError: no phrase, an empty phrase, images of another size or dtype (naming it).
+        """
+        phrases = [str(p) for p in phrases]
+        if not phrases or any(not p.strip() for p in phrases):
+            raise UserError(f"queries={phrases!r}: give at least one non-empty text query, e.g. 'a red sneaker'")
+        images = np.asarray(images)
+        want = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8:
+            raise UserError(
+                f"images must be uint8 [N, {want[0]}, {want[1]}, 3] (the run's config.data.image_size), got "
+                f"{images.dtype} {images.shape}; resize them to {want[0]}x{want[1]} first"
+            )
+        ids = np.asarray(self.tokenizer(phrases, context_length=self.context_length), np.int32)
+        out = []
+        for det in self.predict(params, images, ids, max_detections=10**9):
+            found = []
+            for q, phrase in enumerate(phrases):
+                rows = np.flatnonzero(det["labels"] == q)  # already sorted by score
+                kept: list[int] = []
+                for r in rows:
+                    if kept and det["scores"][r] < threshold:
+                        break
+                    if not kept or dd.box_iou_matrix(det["boxes"][r], det["boxes"][kept]).max() < iou:
+                        kept.append(int(r))
+                found += [
+                    {"query": phrase, "box": det["boxes"][r].tolist(), "score": float(det["scores"][r])} for r in kept
+                ]
+            out.append(found)
+        return out
+
     def final_report(self, params, workdir: str) -> dict[str, Any]:
         """COCO AP / AP50 / AP75 for the seen, held-out and item-only query sets, and ``detections.png``."""
         if not self.opts.final_report:
@@ -482,7 +519,8 @@ class DetectionTask:
             n = int(self.opts.plot_examples)
             images = np.concatenate([test.images[: n - n // 3], held.images[: n // 3]])
             path = os.path.join(workdir, "detections.png")
-            draw_detections(images, self.predict(params, images, combos), list(dd.PHRASES), path)
+            names = [p.removeprefix("a ") for p in dd.PHRASES]  # "red sneaker": short labels on small canvases
+            draw_detections(images, self.predict(params, images, combos), names, path)
             report["detections_png"] = path
             write_report(report, workdir, "detection")
         return report
@@ -502,7 +540,23 @@ def draw_detections(images, detections, names, path: str, threshold: float = 0.3
 
     from mmjax.evaluate.embeddings import _agg_figure, _save
 
+    images = np.asarray(images)
     n = len(images)
+    if len(detections) != n:
+        raise ValueError(f"draw_detections: {len(detections)} detection lists for {n} images; give one per image.")
+    size = images.shape[1:3] if images.ndim == 4 else None
+    for i, det in enumerate(detections):
+        b = np.asarray(det["boxes"], np.float64).reshape(-1, 4)
+        if (
+            size is not None
+            and len(b)
+            and (b.min() < 0 or (b[:, [0, 2]] > size[1]).any() or (b[:, [1, 3]] > size[0]).any())
+        ):
+            raise ValueError(
+                f"draw_detections: image {i} has a box outside the image ({size[1]}x{size[0]} px): "
+                f"{b[(b < 0).any(1) | (b[:, [0, 2]] > size[1]).any(1) | (b[:, [1, 3]] > size[0]).any(1)][0].tolist()}"
+                " (boxes are x0, y0, x1, y1 in pixels)."
+            )
     rows = -(-n // columns)
     fig = _agg_figure(2.6 * columns, 2.8 * rows)
     for i in range(n):
@@ -522,7 +576,7 @@ def draw_detections(images, detections, names, path: str, threshold: float = 0.3
             ax.text(
                 x0,
                 y0 - 1,
-                f"{names[label][2:]} {score:.2f}",
+                f"{names[label]} {score:.2f}",
                 color="white",
                 fontsize=6,
                 va="bottom",
