@@ -93,6 +93,12 @@ def test_queries_are_the_images_phrases_then_training_negatives(task):
         positives = [q for q in query if q in combos | items]
         assert query[: len(positives)] == positives and set(positives) == (combos | items)
         assert not held & set(query)
+        # half the negatives (config.detection.hard_negatives = 0.5) share an item or a colour with a positive
+        negatives = query[len(positives) :]
+        hard = [
+            q for q in negatives if q < 80 and (q // 8 in {c // 8 for c in combos} or q % 8 in {c % 8 for c in combos})
+        ]
+        assert len(hard) >= round(0.5 * len(negatives)), (query, combos)
     targets = np.asarray(task._targets(*(jnp.asarray(batch[k]) for k in ("item", "colour", "valid", "query"))))
     for b, k, q in zip(*np.nonzero(targets)):  # a box answers its combination and its item phrase, nothing else
         assert VOCABULARY[batch["query"][b, q]] in (
@@ -229,6 +235,7 @@ def test_a_clip_run_drops_in_with_its_tokenizer(tmp_path):
     [
         ("detection.focal_alpha", 1.5, "focal_alpha=1.5 must be a number in"),
         ("detection.num_queries", 0, "num_queries=0 must be an int >= 1"),
+        ("detection.hard_negatives", 2.5, "hard_negatives=2.5 must be a number in"),
         ("detection.matcher", "greedy", "valid choices"),
         ("detection.giou_weight", -1.0, "giou_weight=-1.0 must be a number >= 0"),
         ("data.max_overlap", 2.0, "max_overlap must lie in"),

@@ -7,8 +7,10 @@ Data: Fashion-MNIST detection canvases (:mod:`mmjax.data.detection`), a fresh ba
 Queries: the phrase vocabulary is the 80 (colour, item) phrases "a red sneaker" (:data:`mmjax.data.detection.PHRASES`)
 followed by the 10 item phrases "a sneaker" (:data:`~mmjax.data.detection.ITEM_PHRASES`). A training image is
 queried with ``detection.num_queries`` phrases: the phrases of its items (its combinations, and with
-``item_queries`` their item phrases), then negatives drawn at random from the training vocabulary (never a held-out
-combination: it would be taught as always absent). A box answers every query that names it: "a red sneaker" and
+``item_queries`` their item phrases), then negatives from the training vocabulary (never a held-out combination: it
+would be taught as always absent): a fraction ``hard_negatives`` of them hard - another item in the colour of one of
+the image's items, or one of its items in another colour ("a red sandal" beside a red sneaker) - and the rest at
+random. A box answers every query that names it: "a red sneaker" and
 "a sneaker" (OWL-ViT's multi-label targets). The text tower embeds the whole vocabulary once per step.
 
 Loss: :func:`mmjax.detection.detection_loss` (Hungarian matching, sigmoid focal loss, L1 and GIoU; OWL-ViT's
@@ -73,6 +75,7 @@ MATCHERS = ("jax", "scipy")
 _DETECTION_DEFAULTS = dict(
     num_queries=24,
     item_queries=True,
+    hard_negatives=0.5,
     matcher="jax",
     final_report=True,
     max_detections=100,
@@ -187,6 +190,8 @@ class DetectionTask:
         for key in ("class_weight", "bbox_weight", "giou_weight", "focal_gamma"):
             if not isinstance(o[key], (int, float)) or o[key] < 0:
                 raise ConfigError(f"config.detection.{key}={o[key]!r} must be a number >= 0")
+        if not isinstance(o.hard_negatives, (int, float)) or not 0 <= o.hard_negatives <= 1:
+            raise ConfigError(f"config.detection.hard_negatives={o.hard_negatives!r} must be a number in [0, 1]")
         if not isinstance(o.focal_alpha, (int, float)) or not 0 <= o.focal_alpha <= 1:
             raise ConfigError(f"config.detection.focal_alpha={o.focal_alpha!r} must be a number in [0, 1]")
         for key in ("num_queries", "max_detections"):
@@ -346,7 +351,15 @@ class DetectionTask:
             if self.opts.item_queries:
                 pos += list(dict.fromkeys((len(dd.PHRASES) + canvases.item[b][canvases.valid[b]]).tolist()))
             neg = np.setdiff1d(self.train_vocab, pos)
-            chosen = (pos + rng.permutation(neg).tolist())[:n_q]
+            # hard negatives: the other items in an item's colour and the item in the other colours
+            combos = labels[labels >= 0]
+            n_c = len(COLOUR_NAMES)
+            same = np.isin(neg // n_c, combos // n_c) | np.isin(neg % n_c, combos % n_c)
+            hard = neg[(neg < len(dd.PHRASES)) & same]
+            n_hard = min(len(hard), int(round(float(self.opts.hard_negatives) * max(n_q - len(pos), 0))))
+            hard = rng.permutation(hard)[:n_hard]
+            rest = rng.permutation(np.setdiff1d(neg, hard))
+            chosen = (pos + hard.tolist() + rest.tolist())[:n_q]
             query[b, : len(chosen)] = chosen
             mask[b, : len(chosen)] = True
         out.update(query=query, query_mask=mask)
@@ -528,7 +541,8 @@ class DetectionTask:
 
 def draw_detections(images, detections, names, path: str, threshold: float = 0.3, columns: int = 4) -> str:
     """Saves a grid of ``images [N, S, S, 3]`` with their detections (one box per query: its best, drawn when its
-    score is at least ``threshold``, labelled ``names[label]`` and the score) as a PNG; returns ``path``.
+    score is at least ``threshold`` and no better query's box covers it with IoU > 0.9, labelled ``names[label]``
+    and the score) as a PNG; returns ``path``.
 
     >>> import tempfile
     >>> det = [{"boxes": np.array([[2.0, 2.0, 10.0, 12.0]]), "labels": np.array([0]), "scores": np.array([0.9])}]
@@ -567,10 +581,15 @@ def draw_detections(images, detections, names, path: str, threshold: float = 0.3
         best: dict[int, int] = {}
         for j in np.argsort(-np.asarray(det["scores"])):
             best.setdefault(int(det["labels"][j]), int(j))
-        for label, j in best.items():
+        drawn: list[int] = []
+        for label, j in sorted(best.items(), key=lambda kv: -float(det["scores"][kv[1]])):
             score = float(det["scores"][j])
             if score < threshold:
                 continue
+            boxes = np.asarray(det["boxes"], np.float64)
+            if drawn and dd.box_iou_matrix(boxes[j], boxes[drawn]).max() > 0.9:
+                continue  # the same box already carries a better query: one label per box
+            drawn.append(j)
             x0, y0, x1, y1 = np.asarray(det["boxes"][j], np.float64) - 0.5
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2))
             ax.text(
