@@ -213,6 +213,7 @@ def test_experiment_configs_load_and_validate():
         "clip_b16_tpu.py": "contrastive",
         "clip_fashion_mnist.py": "contrastive",
         "caption_fashion_mnist.py": "captioning",
+        "detect_fashion_mnist.py": "detection",
         "diffusion_fashion_mnist.py": "diffusion",
         "fashion_mnist_graphs.py": "classification",
         "fashion_mnist_vit.py": "classification",

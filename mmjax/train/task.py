@@ -1,13 +1,13 @@
 """The Task interface: what a task supplies so that one engine trains every kind of model.
 
 The engine (:mod:`mmjax.train.loop`) owns the optimizer, the parallel mode, the step loop, checkpoints and
-metrics. A *task* joins a model, a loss, metrics and data. Six are built in (:data:`TASKS`): image (and
+metrics. A *task* joins a model, a loss, metrics and data. Seven are built in (:data:`TASKS`): image (and
 image-graph) classification (:class:`mmjax.train.classification.ClassificationTask`), contrastive image-text
 training - CLIP, SigLIP, LiT (:class:`mmjax.train.contrastive.ContrastiveTask`) -, transductive node
 classification (:class:`mmjax.train.node_classification.NodeClassificationTask`), text-to-image diffusion
 (:class:`mmjax.train.diffusion.DiffusionTask`), image captioning - teacher forcing, CapPa
-(:class:`mmjax.train.captioning.CaptioningTask`) - and CoCa (:class:`mmjax.train.coca.CoCaTask`); each plugs into
-the same engine, which knows none of them.
+(:class:`mmjax.train.captioning.CaptioningTask`) -, CoCa (:class:`mmjax.train.coca.CoCaTask`) and open-vocabulary
+detection (:class:`mmjax.train.detection.DetectionTask`); each plugs into the same engine, which knows none of them.
 
 Contract
 --------
