@@ -357,7 +357,7 @@ def matching_cost(
     c_class = jnp.einsum("bpq,bkq->bpk", pos - neg, t) / jnp.maximum(t.sum(-1), 1.0)[:, None, :]
     c_bbox = jnp.abs(boxes[:, :, None, :] - target_boxes[:, None, :, :]).sum(-1)
     corners = bx.cxcywh_to_xyxy
-    c_giou = -jax.vmap(bx.pairwise_giou)(corners(boxes), corners(target_boxes))
+    c_giou = -bx.pairwise_giou(corners(boxes), corners(target_boxes))  # [B, P, K]
     return class_weight * c_class + bbox_weight * c_bbox + giou_weight * c_giou
 
 

@@ -86,6 +86,7 @@ from mmjax.train.parallel import split_micro_batches
 __all__ = [
     "ContrastiveTask",
     "ImageTextData",
+    "normalize_images",
     "caption_sources",
     "write_report",
     "grad_cache",
@@ -421,6 +422,19 @@ def write_report(report: dict[str, Any], workdir: str, title: str) -> dict[str, 
     return report
 
 
+def normalize_images(images, colour_space: str, mean, std):
+    """uint8 ``[..., 3]`` RGB images as a model reads them: ``x = images / 255``, then ``(hue, saturation, value)``
+    when ``colour_space == "hsv"`` (``dm_pix.rgb_to_hsv``), then ``(x - mean) / std`` (float32).
+
+    >>> normalize_images(np.array([[255, 0, 0]], np.uint8), "hsv", 0.5, 0.5).tolist()
+    [[-1.0, 1.0, 1.0]]
+    """
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    if colour_space == "hsv":
+        x = pix.rgb_to_hsv(x)
+    return (x - mean) / std
+
+
 class ImageTextData:
     """The image-caption data side shared by the tasks that train on it (:class:`ContrastiveTask`,
     :class:`mmjax.train.captioning.CaptioningTask`): sources (:func:`caption_sources`), the run's word tokenizer,
@@ -503,10 +517,7 @@ class ImageTextData:
         return int(np.sum(batch["mask"])) if "mask" in batch else int(np.shape(batch["image"])[0])
 
     def _images(self, images):
-        x = images.astype(jnp.float32) / 255.0
-        if self.data_cfg.colour_space == "hsv":
-            x = pix.rgb_to_hsv(x)
-        return (x - self.mean) / self.std
+        return normalize_images(images, self.data_cfg.colour_space, self.mean, self.std)
 
 
 class ContrastiveTask(ImageTextData):

@@ -42,12 +42,12 @@ import dataclasses
 import os
 from typing import Any
 
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax import boxes as bx
 from mmjax.clip import CLIPConfig, get_config
 from mmjax.data import detection as dd
 from mmjax.data.captions import COLOUR_NAMES, ITEM_NAMES
@@ -62,6 +62,7 @@ from mmjax.train.contrastive import (
     _dtype,
     _per_channel,
     _section,
+    normalize_images,
     run_word_tokenizer,
     write_report,
 )
@@ -132,12 +133,6 @@ def phrase_attributes() -> tuple[np.ndarray, np.ndarray]:
     item = np.concatenate([combos // n_c, np.arange(len(ITEM_NAMES))])
     colour = np.concatenate([combos % n_c, np.full(len(ITEM_NAMES), -1)])
     return item.astype(np.int32), colour.astype(np.int32)
-
-
-def _cxcywh(boxes: np.ndarray, size: int) -> np.ndarray:
-    """Pixel corners ``[..., 4]`` -> normalised ``(cx, cy, w, h)``."""
-    b = boxes.astype(np.float32) / size
-    return np.concatenate([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], axis=-1)
 
 
 class DetectionTask:
@@ -239,7 +234,7 @@ class DetectionTask:
             train_vocab += list(range(len(dd.PHRASES), len(VOCABULARY)))
         self.train_vocab = np.asarray(train_vocab, np.int32)
         self.num_train_examples = 60000  # nominal (a fresh canvas every step): the Fashion-MNIST training items
-        self._eval_data = None
+        self._eval_data: dict[str, dd.DetectionCanvases] = {}
 
     # -- model ----------------------------------------------------------------------------------------------------
     def _build_model(self, m):
@@ -293,10 +288,7 @@ class DetectionTask:
         return params
 
     def _images(self, images):
-        x = images.astype(jnp.float32) / 255.0
-        if self.data_cfg.colour_space == "hsv":
-            x = pix.rgb_to_hsv(x)
-        return (x - self.mean) / self.std
+        return normalize_images(images, self.data_cfg.colour_space, self.mean, self.std)
 
     def _targets(self, item, colour, valid, query):
         """``[B, K, Q]``: box ``k`` answers query ``q`` (same item; same colour unless the query names none)."""
@@ -335,7 +327,7 @@ class DetectionTask:
         """Arrays of one batch; with ``rng`` also the training queries (positives, then sampled negatives)."""
         out = {
             "image": canvases.images,
-            "boxes": _cxcywh(canvases.boxes, self.image_size),
+            "boxes": np.asarray(bx.xyxy_to_cxcywh(canvases.boxes / np.float32(self.image_size))),
             "valid": canvases.valid,
             "item": canvases.item,
             "colour": canvases.colour,
@@ -378,9 +370,15 @@ class DetectionTask:
             step += 1
 
     def _eval_canvases(self, split: str) -> dd.DetectionCanvases:
-        d = self.data_cfg
-        n = int(d.num_test if split == "test" else d.num_heldout)
-        return dd.make_detection(split, n, seed=int(d.data_seed), source=self._source(split), **self.canvas_kwargs)
+        """The ``"test"`` or ``"heldout"`` canvases (``data.num_test`` / ``num_heldout``), generated once."""
+        if split not in self._eval_data:
+            d = self.data_cfg
+            n = int(d.num_test if split == "test" else d.num_heldout)
+            source = self._source(split)
+            self._eval_data[split] = dd.make_detection(
+                split, n, seed=int(d.data_seed), source=source, **self.canvas_kwargs
+            )
+        return self._eval_data[split]
 
     def _source(self, split: str):
         """The Fashion-MNIST images and labels a split draws from, read once."""
@@ -393,9 +391,7 @@ class DetectionTask:
 
     def eval_batches(self):
         """The test canvases in order (``data.num_test``), the last batch padded (``mask``)."""
-        if self._eval_data is None:
-            self._eval_data = self._eval_canvases("test")
-        data = self._host_batch(self._eval_data, None)
+        data = self._host_batch(self._eval_canvases("test"), None)
         n, b = len(data["image"]), self.eval_batch_size
         for start in range(0, n, b):
             chunk = {k: v[start : start + b] for k, v in data.items()}
@@ -415,8 +411,6 @@ class DetectionTask:
         (the best token for the box's combination / item phrase, among all 90 phrases, overlaps it with IoU >= 0.5),
         ``count`` (boxes)."""
         del axis_name
-        from mmjax import boxes as bx
-
         valid = batch["valid"] & batch["mask"][:, None]
         images = batch["image"]
         vocab = self.model.apply({"params": params}, self.vocab_ids, method="embed_queries")
@@ -466,8 +460,7 @@ class DetectionTask:
                 b, p, nq = out.logits.shape
                 scores, flat = jax.lax.top_k(jax.nn.sigmoid(out.logits).reshape(b, p * nq), min(k, p * nq))
                 token, label = flat // nq, flat % nq
-                cx, cy, w, h = jnp.moveaxis(jnp.take_along_axis(out.boxes, token[..., None], axis=1), -1, 0)
-                xyxy = jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+                xyxy = bx.cxcywh_to_xyxy(jnp.take_along_axis(out.boxes, token[..., None], axis=1))
                 return scores, label, jnp.clip(xyxy * size, 0.0, size)
 
             self._predict_jit = jax.jit(predict, static_argnums=3)
@@ -581,16 +574,16 @@ def draw_detections(images, detections, names, path: str, threshold: float = 0.3
         best: dict[int, int] = {}
         for j in np.argsort(-np.asarray(det["scores"])):
             best.setdefault(int(det["labels"][j]), int(j))
+        boxes = np.asarray(det["boxes"], np.float64)
         drawn: list[int] = []
         for label, j in sorted(best.items(), key=lambda kv: -float(det["scores"][kv[1]])):
             score = float(det["scores"][j])
             if score < threshold:
                 continue
-            boxes = np.asarray(det["boxes"], np.float64)
             if drawn and dd.box_iou_matrix(boxes[j], boxes[drawn]).max() > 0.9:
                 continue  # the same box already carries a better query: one label per box
             drawn.append(j)
-            x0, y0, x1, y1 = np.asarray(det["boxes"][j], np.float64) - 0.5
+            x0, y0, x1, y1 = boxes[j] - 0.5
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2))
             ax.text(
                 x0,
