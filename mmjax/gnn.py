@@ -51,6 +51,7 @@ __all__ = [
     "GraphConv",
     "GCNConv",
     "GATConv",
+    "TransformerConv",
     "RGCNConv",
     "readout",
     "AttentionReadout",
@@ -427,7 +428,9 @@ class GATConv(nn.Module):
     ``lin_edge.weight.T``), ``att_edge [H, C]`` (= PyG ``att_edge[0]``).
 
     Returns:
-      ``[N, H*C]`` (concat) or ``[N, C]``.
+      ``[N, H*C]`` (concat) or ``[N, C]``; with ``return_attention=True`` also ``alpha [E, H]``, the attention
+      weight of every edge of ``graph`` (PyG's ``return_attention_weights``, without the added self loops; padding
+      edges and, with ``add_self_loops``, the graph's own self loops get 0).
 
     >>> import jax, numpy as np
     >>> g = gr.Graph(nodes=np.ones((3, 5), np.float32), senders=np.array([0, 1]), receivers=np.array([1, 2]),
@@ -440,6 +443,9 @@ class GATConv(nn.Module):
     >>> p = typed.init(jax.random.key(0), g, edge_attr)["params"]
     >>> typed.apply({"params": p}, g, edge_attr).shape, p["lin_edge"].shape, p["att_edge"].shape
     ((3, 8), (3, 8), (2, 4))
+    >>> out, alpha = m.apply(m.init(jax.random.key(0), g), g, return_attention=True)
+    >>> alpha.shape  # node 1 attends to node 0 and to itself: the two weights of edge 0 -> 1 are below 1
+    (2, 2)
     """
 
     features: int
@@ -452,12 +458,12 @@ class GATConv(nn.Module):
     edge_dim: int | None = None
 
     @nn.compact
-    def __call__(self, graph: gr.Graph, edge_attr=None) -> Array:
+    def __call__(self, graph: gr.Graph, edge_attr=None, return_attention: bool = False) -> Array:
         h = _nodes(graph)
         n, H, C = h.shape[0], self.heads, self.features
         if H < 1 or C < 1:
             raise ValueError(f"heads and features must be >= 1, got heads={H}, features={C}.")
-        edge_attr = self._check_edge_attr(edge_attr, graph)
+        edge_attr = _check_edge_attr(self.edge_dim, edge_attr, graph, "GATConv")
         x = (h @ self.param("kernel", self.kernel_init, (h.shape[-1], H * C), h.dtype)).reshape(n, H, C)
         att_src = self.param("att_src", glorot, (H, C), h.dtype)
         att_dst = self.param("att_dst", glorot, (H, C), h.dtype)
@@ -485,33 +491,109 @@ class GATConv(nn.Module):
         out = out.reshape(n, H * C) if self.concat else out.mean(axis=1)
         if self.use_bias:
             out = out + self.param("bias", nn.initializers.zeros, (out.shape[-1],), h.dtype)
+        if return_attention:  # the graph's own edges (the added self loops are left out); masked edges get 0
+            return out, alpha[: graph.senders.shape[0]]
         return out
 
-    def _check_edge_attr(self, edge_attr, graph):
-        if self.edge_dim is not None and (not isinstance(self.edge_dim, int) or self.edge_dim < 1):
-            raise ValueError(f"edge_dim must be None or an int >= 1, got {self.edge_dim!r}.")
-        if edge_attr is None:
-            return None
-        if self.edge_dim is None:
-            raise ValueError(
-                f"edge_attr was given (shape {np.shape(edge_attr)}) but edge_dim is None; set "
-                "GATConv(edge_dim=edge_attr.shape[-1]) to use edge features."
-            )
-        e = graph.senders.shape[0]
-        edge_attr = jnp.asarray(edge_attr)
-        if edge_attr.ndim == 1 and self.edge_dim == 1:
-            edge_attr = edge_attr[:, None]  # PyG views [E] as [E, 1]
-        if edge_attr.shape != (e, self.edge_dim):
-            raise ValueError(
-                f"edge_attr must have shape [E={e}, edge_dim={self.edge_dim}] (one row per edge), got "
-                f"{tuple(np.shape(edge_attr))}."
-            )
-        if not jnp.issubdtype(edge_attr.dtype, jnp.floating):
-            raise ValueError(
-                f"edge_attr must be floating point, got dtype {edge_attr.dtype}; embed integer edge types first "
-                "(nn.Embed(num_types, d)(edge_type) or jax.nn.one_hot(edge_type, num_types))."
-            )
-        return edge_attr
+
+def _check_edge_attr(edge_dim, edge_attr, graph, layer: str):
+    if edge_dim is not None and (not isinstance(edge_dim, int) or edge_dim < 1):
+        raise ValueError(f"edge_dim must be None or an int >= 1, got {edge_dim!r}.")
+    if edge_attr is None:
+        return None
+    if edge_dim is None:
+        raise ValueError(
+            f"edge_attr was given (shape {np.shape(edge_attr)}) but edge_dim is None; set "
+            f"{layer}(edge_dim=edge_attr.shape[-1]) to use edge features."
+        )
+    e = graph.senders.shape[0]
+    edge_attr = jnp.asarray(edge_attr)
+    if edge_attr.ndim == 1 and edge_dim == 1:
+        edge_attr = edge_attr[:, None]  # PyG views [E] as [E, 1]
+    if edge_attr.shape != (e, edge_dim):
+        raise ValueError(
+            f"edge_attr must have shape [E={e}, edge_dim={edge_dim}] (one row per edge), got "
+            f"{tuple(np.shape(edge_attr))}."
+        )
+    if not jnp.issubdtype(edge_attr.dtype, jnp.floating):
+        raise ValueError(
+            f"edge_attr must be floating point, got dtype {edge_attr.dtype}; embed integer edge types first "
+            "(nn.Embed(num_types, d)(edge_type) or jax.nn.one_hot(edge_type, num_types))."
+        )
+    return edge_attr
+
+
+class TransformerConv(nn.Module):
+    """Graph transformer convolution (Shi et al. 2021, "Masked Label Prediction") with PyTorch Geometric
+    ``TransformerConv`` semantics (``beta=False``, no attention dropout): dot-product attention along the edges.
+
+    Per head (``C = features``): ``q_i = W_q x_i + b_q``, ``k_j = W_k x_j + b_k``, ``v_j = W_v x_j + b_v`` (each
+    ``[H, C]``); with edge features ``e_ji = W_e edge_attr_ji`` (no bias) added to the key and the value::
+
+        alpha_ji = softmax_{j in N(i)} (q_i . (k_j + e_ji) / sqrt(C))
+        out_i    = sum_j alpha_ji (v_j + e_ji)   (+ W_s x_i + b_s with root_weight)
+
+    heads concatenated (``concat``) or averaged. No self loops are added (a node without incoming edges gets only
+    the skip term); duplicate edges enter the softmax separately. Unlike :class:`GATConv`, whose score
+    ``a_src . x_j + a_dst . x_i`` ranks the neighbours the same for every receiver, the attention here depends on
+    the receiver's query (what a word node must do to pick the patches of its colour).
+
+    Params (PyG's names): ``lin_query``, ``lin_key``, ``lin_value`` (``kernel [F_in, H*C]`` = PyG ``weight.T``,
+    ``bias``), ``lin_edge/kernel [edge_dim, H*C]`` (with ``edge_dim``), ``lin_skip`` (``[F_in, H*C]`` or
+    ``[F_in, C]``, with ``root_weight``).
+
+    Call ``apply(params, graph, edge_attr=None, return_attention=False)``; ``edge_attr [E, edge_dim]``.
+
+    Returns:
+      ``[N, H*C]`` (concat) or ``[N, C]``; with ``return_attention=True`` also ``alpha [E, H]`` (padding edges 0).
+
+    >>> import jax, numpy as np
+    >>> g = gr.Graph(nodes=np.ones((3, 5), np.float32), senders=np.array([0, 1, 2]), receivers=np.array([1, 1, 2]),
+    ...              n_node=np.array([3]), n_edge=np.array([3]))
+    >>> m = TransformerConv(features=4, heads=2, edge_dim=3)
+    >>> ea = np.eye(3, dtype=np.float32)
+    >>> p = m.init(jax.random.key(0), g, ea)["params"]
+    >>> out, alpha = m.apply({"params": p}, g, ea, return_attention=True)
+    >>> out.shape, sorted(p), np.round(alpha[:2].sum(0), 5).tolist()  # node 1's two incoming edges share it
+    ((3, 8), ['lin_edge', 'lin_key', 'lin_query', 'lin_skip', 'lin_value'], [1.0, 1.0])
+    """
+
+    features: int
+    heads: int = 1
+    concat: bool = True
+    root_weight: bool = True
+    use_bias: bool = True
+    edge_dim: int | None = None
+    kernel_init: Callable = glorot
+
+    @nn.compact
+    def __call__(self, graph: gr.Graph, edge_attr=None, return_attention: bool = False) -> Array:
+        h = _nodes(graph)
+        n, H, C = h.shape[0], self.heads, self.features
+        if H < 1 or C < 1:
+            raise ValueError(f"heads and features must be >= 1, got heads={H}, features={C}.")
+        edge_attr = _check_edge_attr(self.edge_dim, edge_attr, graph, "TransformerConv")
+        dense = lambda f, name, bias=self.use_bias: nn.Dense(  # noqa: E731
+            f, use_bias=bias, kernel_init=self.kernel_init, param_dtype=h.dtype, name=name
+        )
+        q = dense(H * C, "lin_query")(h).reshape(n, H, C)
+        k = dense(H * C, "lin_key")(h).reshape(n, H, C)
+        v = dense(H * C, "lin_value")(h).reshape(n, H, C)
+        s, r = jnp.asarray(graph.senders).astype(jnp.int32), jnp.asarray(graph.receivers).astype(jnp.int32)
+        key, value = k[s], v[s]  # [E, H, C]
+        if self.edge_dim is not None:
+            lin_edge = dense(H * C, "lin_edge", bias=False)
+            if edge_attr is None:  # create the parameter; PyG requires edge_attr when edge_dim is set
+                raise ValueError(f"edge_attr [E, {self.edge_dim}] is required when edge_dim={self.edge_dim} is set.")
+            e = lin_edge(edge_attr).reshape(-1, H, C)
+            key, value = key + e, value + e
+        logits = jnp.sum(q[r] * key, -1) / jnp.sqrt(jnp.asarray(C, h.dtype))  # [E, H]
+        alpha = segment.segment_softmax(logits, r, n, mask=gr.edge_mask(graph))
+        out = jax.ops.segment_sum(alpha[..., None] * value, r, n)  # [N, H, C]
+        out = out.reshape(n, H * C) if self.concat else out.mean(axis=1)
+        if self.root_weight:
+            out = out + dense(out.shape[-1], "lin_skip")(h)
+        return (out, alpha) if return_attention else out
 
 
 RGCN_AGGRS = ("mean", "sum", "add", "max")

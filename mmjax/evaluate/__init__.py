@@ -10,6 +10,8 @@ One concept per submodule, every public name re-exported here (``mmjax.evaluate.
 * :mod:`~mmjax.evaluate.captioning`: :func:`bleu` (BLEU-1..4) and :func:`cider_d` (CIDEr-D) of captions, exactly
   as pycocoevalcap's ``Bleu(4)`` and ``Cider()`` score already tokenised text.
 * :mod:`~mmjax.evaluate.detection`: :func:`coco_ap`, COCO box average precision exactly as pycocotools' ``COCOeval``.
+* :mod:`~mmjax.evaluate.matching`: two-stage retrieval (:func:`top_candidates`, :func:`rerank`, :func:`recall_at_k`),
+  :func:`pairwise_accuracy` of a matching model against hard negatives, :func:`plot_patch_word_attention`.
 * :mod:`~mmjax.evaluate.generation`: :func:`frechet_distance` (FID on any feature extractor).
 * :mod:`~mmjax.evaluate.judge`: :func:`train_judge`, a small CNN trained on real labelled images that judges what a
   generator drew (:class:`Judge` ``predict``) and gives the features of its Frechet distance; the one submodule that
@@ -35,6 +37,7 @@ from mmjax.evaluate.embeddings import (
 )
 from mmjax.evaluate.generation import frechet_distance
 from mmjax.evaluate.judge import Judge, JudgeCNN, train_judge
+from mmjax.evaluate.matching import pairwise_accuracy, plot_patch_word_attention, recall_at_k, rerank, top_candidates
 
 __all__ = [
     "Judge",
@@ -46,9 +49,14 @@ __all__ = [
     "frechet_distance",
     "l2_normalize",
     "linear_probe",
+    "pairwise_accuracy",
     "plot_confusion_matrix",
+    "plot_patch_word_attention",
     "plot_retrieval_grid",
+    "recall_at_k",
+    "rerank",
     "retrieval_recall",
+    "top_candidates",
     "topk_accuracy",
     "train_judge",
     "zero_shot_accuracy",

@@ -1,5 +1,5 @@
 """The training engine: one loop for every task (image and image-graph classification, contrastive image-text
-training, node classification, text-to-image diffusion, captioning, detection), which joins a model, its loss, metrics and data.
+training, node classification, text-to-image diffusion, captioning, detection, image-text matching), which joins a model, its loss, metrics and data.
 
 * :mod:`mmjax.train.task`: the Task interface (read its docstring first) and the task registry.
 * :mod:`mmjax.train.classification`: image classification task (any image model: ViT, a GCN over patches).
@@ -9,6 +9,8 @@ training, node classification, text-to-image diffusion, captioning, detection), 
 * :mod:`mmjax.train.captioning`: image captioning task (a ViT + text decoder; teacher forcing, CapPa).
 * :mod:`mmjax.train.coca`: CoCa task (CLIP + a captioning decoder on the image tokens, both losses).
 * :mod:`mmjax.train.detection`: open-vocabulary detection task (OWL-ViT: CLIP + box and class heads, COCO AP).
+* :mod:`mmjax.train.graph_matching`: image-text matching task (graph fusion of patches and words, cross-attention,
+  CLIP) against hard negatives, with CLIP retrieval re-ranked by the matching model.
 * :mod:`mmjax.train.optimizer`: AdamW with weight-decay rules, warmup + cosine, clipping.
 * :mod:`mmjax.train.state`: the train state pytree.
 * :mod:`mmjax.train.parallel`: "single" / "pmap" / "sharded" (+ FSDP) layouts and compilation.

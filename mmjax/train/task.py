@@ -1,13 +1,15 @@
 """The Task interface: what a task supplies so that one engine trains every kind of model.
 
 The engine (:mod:`mmjax.train.loop`) owns the optimizer, the parallel mode, the step loop, checkpoints and
-metrics. A *task* joins a model, a loss, metrics and data. Seven are built in (:data:`TASKS`): image (and
+metrics. A *task* joins a model, a loss, metrics and data. Eight are built in (:data:`TASKS`): image (and
 image-graph) classification (:class:`mmjax.train.classification.ClassificationTask`), contrastive image-text
 training - CLIP, SigLIP, LiT (:class:`mmjax.train.contrastive.ContrastiveTask`) -, transductive node
 classification (:class:`mmjax.train.node_classification.NodeClassificationTask`), text-to-image diffusion
 (:class:`mmjax.train.diffusion.DiffusionTask`), image captioning - teacher forcing, CapPa
-(:class:`mmjax.train.captioning.CaptioningTask`) -, CoCa (:class:`mmjax.train.coca.CoCaTask`) and open-vocabulary
-detection (:class:`mmjax.train.detection.DetectionTask`); each plugs into the same engine, which knows none of them.
+(:class:`mmjax.train.captioning.CaptioningTask`) -, CoCa (:class:`mmjax.train.coca.CoCaTask`), open-vocabulary
+detection (:class:`mmjax.train.detection.DetectionTask`) and image-text matching against hard negatives - graph
+fusion of patches and words, cross-attention, CLIP - (:class:`mmjax.train.graph_matching.GraphMatchingTask`); each
+plugs into the same engine, which knows none of them.
 
 Contract
 --------
@@ -125,6 +127,7 @@ TASKS: dict[str, str] = {
     "captioning": "mmjax.train.captioning:CaptioningTask",
     "coca": "mmjax.train.coca:CoCaTask",
     "detection": "mmjax.train.detection:DetectionTask",
+    "graph_matching": "mmjax.train.graph_matching:GraphMatchingTask",
 }
 
 
