@@ -2,7 +2,9 @@
 
 One concept per submodule: :mod:`~mmjax.attention` (scaled dot-product attention), :mod:`~mmjax.layers`
 (transformer blocks), :mod:`~mmjax.vit`, :mod:`~mmjax.text`, :mod:`~mmjax.clip`, :mod:`~mmjax.tokenizer`,
-:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.diffusion`,
+:mod:`~mmjax.graph`, :mod:`~mmjax.gnn`, :mod:`~mmjax.graph_models`, :mod:`~mmjax.multimodal_graph` (patches and words
+in one graph), :mod:`~mmjax.graph_fusion` (matching over that graph; the cross-attention baseline),
+:mod:`~mmjax.diffusion`,
 :mod:`~mmjax.dit`, :mod:`~mmjax.decoder` (text decoder with cross-attention and a KV cache),
 :mod:`~mmjax.captioner`, :mod:`~mmjax.coca`, :mod:`~mmjax.generate` (greedy, sampling and beam search),
 :mod:`~mmjax.detection` (OWL-ViT), :mod:`~mmjax.boxes` (box maths, focal loss), :mod:`~mmjax.matching` (Hungarian
@@ -33,6 +35,11 @@ _EXPORTS = {
     "GCNConv": "gnn",
     "GATConv": "gnn",
     "RGCNConv": "gnn",
+    "TransformerConv": "gnn",
+    "GraphFusion": "graph_fusion",
+    "CrossAttentionMatcher": "graph_fusion",
+    "build_joint_graph": "multimodal_graph",
+    "JointGraphLayout": "multimodal_graph",
     "GraphConv": "gnn",
     "DiT": "dit",
     "Captioner": "captioner",
@@ -56,6 +63,8 @@ _SUBMODULES = (
     "segment",
     "gnn",
     "graph_models",
+    "multimodal_graph",
+    "graph_fusion",
     "diffusion",
     "dit",
     "decoder",

@@ -216,6 +216,7 @@ def test_experiment_configs_load_and_validate():
         "detect_fashion_mnist.py": "detection",
         "diffusion_fashion_mnist.py": "diffusion",
         "fashion_mnist_graphs.py": "classification",
+        "graph_fusion_fashion_mnist.py": "graph_matching",
         "fashion_mnist_vit.py": "classification",
         "fashion_mnist_vit_quick.py": "classification",
         "karate_gcn.py": "node_classification",

@@ -31,6 +31,7 @@ NOTEBOOKS = (
     "05_numerical_reference",
     "06_captioning",
     "07_diffusion",
+    "08_multimodal_graph",
     "09_detection",
 )
 CELL_TIMEOUT_S = 300  # per cell; a quick notebook takes well under a minute on an idle 2-core machine
@@ -135,6 +136,17 @@ def check_09_detection(s):
     # the drawn top detection is the best (token, query) pair; both matchers give the same assignment and loss
     assert s["top_score_error"] < 1e-6 and s["matchers_agree"], s
     assert 0.0 <= s["test_AP50"] <= 1.0 and 0.0 <= s["heldout_AP50"] <= 1.0 and s["grounding_recall"] > 0.1, s
+
+
+def check_08_multimodal_graph(s):
+    assert s["steps"] == s["num_steps"] > 0, f"the run stopped before its configured steps: {s}"
+    assert s["final_loss"] < s["first_train_loss"], f"matching loss did not go down: {s}"
+    # every edge of the pair is counted once, by type or as a padding self loop
+    assert s["edge_counts_total"] == s["edges_per_pair"], s
+    # above chance (0.5) on the negatives that change what the image shows plainly
+    assert s["test_accuracy"]["size"] > 0.6 and s["test_accuracy"]["mean"] > 0.55, s
+    assert 0 < s["patch_share_min"] <= s["patch_share_max"] < 1 and s["padding_attention"] == 0, s
+    assert s["late_fusion_blind"] and not s["full_fusion_blind"], s
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in NOTEBOOKS}

@@ -100,8 +100,8 @@ def pairwise_accuracy(positive, negative) -> float:
 
 
 def plot_patch_word_attention(images, words, attention, path: str, dpi: int = 100) -> str:
-    """For each example, the image and one panel per word with its attention over the ``gh x gw`` patch grid
-    (shown as the image dimmed by the attention map, resized to the image).
+    """For each example, the image and one panel per word with its attention over the ``gh x gw`` patch grid (a
+    heat map over the image, scaled to the word's largest weight).
 
     Args:
       images: ``uint8 [B, S, S, 3]``.
@@ -130,11 +130,10 @@ def plot_patch_word_attention(images, words, attention, path: str, dpi: int = 10
         ax.imshow(images[i])
         ax.set_axis_off()
         for t, word in enumerate(words[i]):
-            a = att[i, t].reshape(g, g)
-            a = a / max(a.max(), 1e-12)
-            up = np.kron(a, np.ones((-(-s // g), -(-s // g))))[:s, :s]
             ax = fig.add_subplot(b, cols, i * cols + 2 + t)
-            ax.imshow((images[i] * (0.15 + 0.85 * up[..., None])).astype(np.uint8))
+            ax.imshow(images[i], extent=(0, s, s, 0))
+            a = att[i, t].reshape(g, g)
+            ax.imshow(a, cmap="magma", alpha=0.65, extent=(0, s, s, 0), vmin=0, vmax=max(a.max(), 1e-12))
             ax.set_title(word, fontsize=8)
             ax.set_axis_off()
     fig.tight_layout()
