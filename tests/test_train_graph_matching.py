@@ -159,7 +159,8 @@ def test_clip_run_retrieves_and_graph_run_reranks_its_top_k(runs):
         assert 0 <= clip_report[f"clip_{key}"] <= 1
         assert graph_report[f"clip_{key}"] == clip_report[f"clip_{key}"]  # the same first stage
         assert 0 <= graph_report[f"rerank_{key}"] <= 1
-    assert graph_report["pairs_per_s"] > 0 and "rerank_image_to_text_R@1" not in clip_report
+    assert graph_report["pairs_per_s"] > 0 and clip_report["pairs_per_s"] > 0 and graph_report["rerank_pairs_per_s"] > 0
+    assert "rerank_image_to_text_R@1" not in clip_report
     assert os.path.getsize(graph_report["attention_png"]) > 1000
     for kind in ("colour", "item", "size", "position", "random"):
         assert 0 <= graph_report[f"heldout_{kind}_accuracy"] <= 1
@@ -214,3 +215,25 @@ def test_scores_are_the_logit_or_the_scaled_cosine():
     scale = float(np.exp(min(float(params["logit_scale"]), np.log(100))))
     want_loss = _negclip_numpy(np.asarray(img, np.float64), np.asarray(txt, np.float64).reshape(b, c, -1), scale)
     assert_float32_close(loss, want_loss, terms=b * c * 8, scale=scale)
+
+
+def test_comparison_table_of_the_job_gives_mean_and_range_and_reranked_recall():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "graph_fusion_fashion_mnist.py")
+    spec = importlib.util.spec_from_file_location("graph_fusion_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    reports = [
+        {"colour_accuracy": 0.9, "clip_image_to_text_R@1": 0.5, "rerank_image_to_text_R@1": 0.7, "pairs_per_s": 10.0},
+        {"colour_accuracy": 1.0, "clip_image_to_text_R@1": 0.5, "rerank_image_to_text_R@1": 0.8, "pairs_per_s": 30.0},
+    ]
+    table = job.comparison_table({"graph_fusion": reports, "clip": [{"clip_image_to_text_R@1": 0.5}]})
+    header, _, graph_row, clip_row = table.splitlines()
+    cells = dict(zip(header.split(" | ")[1:], graph_row.split(" | ")[1:]))
+    assert cells["colour"] == "0.9500 (0.9000-1.0000)"
+    assert cells["i->t R@1"] == "0.7500 (0.7000-0.8000)"  # re-ranked, not CLIP's first stage
+    assert cells["pairs/s"] == "20"
+    assert dict(zip(header.split(" | ")[1:], clip_row.split(" | ")[1:]))["i->t R@1"] == "0.5000"
+    for model in job.ORDER:  # every model's config is a valid graph_matching config
+        assert prepare_config(job.get_config(model)).model.name == job.VARIANTS[model]["name"]
