@@ -45,6 +45,17 @@ import ml_collections
 
 from mmjax.train.config import default_config
 
+#: the fusion models' encoders and blocks: the same sizes for the graph and the cross-attention model
+_FUSION = dict(
+    dtype="float32",
+    context_length=12,
+    stem_features=(32, 64, 96),
+    width=96,
+    depth=3,
+    heads=4,
+    mlp_dim=192,
+    embed_dim=96,
+)
 #: model name -> config.model of each compared model (the rest of the config is shared).
 VARIANTS = {
     "clip": dict(
@@ -67,32 +78,17 @@ VARIANTS = {
     ),
     "graph_fusion": dict(
         name="graph_fusion",
-        dtype="float32",
-        context_length=12,
-        stem_features=(32, 64, 96),
-        width=96,
-        depth=3,
-        heads=4,
-        mlp_dim=192,
+        **_FUSION,
         knn=4,
         grid_neighbours=4,
         patch_word="all",
         conv="transformer",
         readout="global",
         edge_dim=16,
-        embed_dim=96,
     ),
-    "cross_attention": dict(
-        name="cross_attention",
-        dtype="float32",
-        context_length=12,
-        stem_features=(32, 64, 96),
-        width=96,
-        depth=3,
-        heads=4,
-        embed_dim=96,
-        mlp_dim=192,  # the same blocks as the graph model's (query, key, value, out, MLP): the same parameters
-    ),
+    # the graph model's blocks (query, key, value, out, MLP) with full attention: the same parameters but the
+    # graph model's edge-type embeddings
+    "cross_attention": dict(name="cross_attention", **_FUSION),
 }
 VARIANTS["late_fusion"] = dict(VARIANTS["graph_fusion"], patch_word="none")
 ORDER = ("clip", "graph_fusion", "late_fusion", "cross_attention")
@@ -127,40 +123,36 @@ def get_config(model: str = "graph_fusion") -> ml_collections.ConfigDict:
     return config
 
 
-COLUMNS = (
-    ("colour", "colour_accuracy"),
-    ("item", "item_accuracy"),
-    ("size", "size_accuracy"),
-    ("position", "position_accuracy"),
-    ("random", "random_accuracy"),
-    ("held-out colour", "heldout_colour_accuracy"),
-    ("held-out item", "heldout_item_accuracy"),
-    ("held-out mean", "heldout_mean_accuracy"),
-    ("i->t R@1", "image_to_text_R@1"),
-    ("i->t R@5", "image_to_text_R@5"),
-    ("i->t R@10", "image_to_text_R@10"),
-    ("t->i R@1", "text_to_image_R@1"),
-    ("t->i R@5", "text_to_image_R@5"),
-    ("t->i R@10", "text_to_image_R@10"),
-    ("pairs/s", "pairs_per_s"),
-    ("params", "parameters"),
+ROWS = (
+    *((f"{kind} negatives, test", f"{kind}_accuracy") for kind in ("colour", "item", "size", "position", "random")),
+    ("mean over the kinds, test", "mean_accuracy"),
+    *(
+        (f"{kind} negatives, held-out combinations", f"heldout_{kind}_accuracy")
+        for kind in ("colour", "item", "size", "position", "random")
+    ),
+    ("mean over the kinds, held-out combinations", "heldout_mean_accuracy"),
+    *((f"image->text R@{k}", f"image_to_text_R@{k}") for k in (1, 5, 10)),
+    *((f"text->image R@{k}", f"text_to_image_R@{k}") for k in (1, 5, 10)),
+    ("pairs/s (scoring)", "pairs_per_s"),
+    ("parameters", "parameters"),
 )
 
 
 def _value(report: dict, key: str):
-    if key in ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10") or key.startswith("text_to_image"):
+    if key.startswith(("image_to_text", "text_to_image")):  # re-ranked where the model re-ranks, else CLIP's
         return report.get(f"rerank_{key}", report.get(f"clip_{key}"))
     return report.get(key)
 
 
 def comparison_table(results: dict[str, list[dict]]) -> str:
-    """A markdown table, one row per model, each cell the mean (min-max) over the runs' reports."""
-    head = "| model | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for model, reports in results.items():
+    """A markdown table, one column per model, one row per measure (:data:`ROWS`), each cell the mean (min-max)
+    over the runs' reports."""
+    models = list(results)
+    lines = ["| measure | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for name, key in ROWS:
         cells = []
-        for _, key in COLUMNS:
-            vals = [v for v in (_value(r, key) for r in reports) if v is not None]
+        for model in models:
+            vals = [v for v in (_value(r, key) for r in results[model]) if v is not None]
             if not vals:
                 cells.append("-")
             elif key in ("pairs_per_s", "parameters"):
@@ -169,8 +161,8 @@ def comparison_table(results: dict[str, list[dict]]) -> str:
                 cells.append(f"{vals[0]:.4f}")
             else:
                 cells.append(f"{sum(vals) / len(vals):.4f} ({min(vals):.4f}-{max(vals):.4f})")
-        rows.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:

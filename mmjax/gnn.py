@@ -459,11 +459,8 @@ class GATConv(nn.Module):
 
     @nn.compact
     def __call__(self, graph: gr.Graph, edge_attr=None, return_attention: bool = False) -> Array:
-        h = _nodes(graph)
+        h, edge_attr = _attention_inputs(self, graph, edge_attr, "GATConv")
         n, H, C = h.shape[0], self.heads, self.features
-        if H < 1 or C < 1:
-            raise ValueError(f"heads and features must be >= 1, got heads={H}, features={C}.")
-        edge_attr = _check_edge_attr(self.edge_dim, edge_attr, graph, "GATConv")
         x = (h @ self.param("kernel", self.kernel_init, (h.shape[-1], H * C), h.dtype)).reshape(n, H, C)
         att_src = self.param("att_src", glorot, (H, C), h.dtype)
         att_dst = self.param("att_dst", glorot, (H, C), h.dtype)
@@ -494,6 +491,15 @@ class GATConv(nn.Module):
         if return_attention:  # the graph's own edges (the added self loops are left out); masked edges get 0
             return out, alpha[: graph.senders.shape[0]]
         return out
+
+
+def _attention_inputs(layer, graph, edge_attr, name: str):
+    """The node features ``[N, F]`` and the checked edge features of an attention layer (``heads``, ``features``,
+    ``edge_dim`` read from ``layer``)."""
+    h = _nodes(graph)
+    if layer.heads < 1 or layer.features < 1:
+        raise ValueError(f"heads and features must be >= 1, got heads={layer.heads}, features={layer.features}.")
+    return h, _check_edge_attr(layer.edge_dim, edge_attr, graph, name)
 
 
 def _check_edge_attr(edge_dim, edge_attr, graph, layer: str):
@@ -568,11 +574,8 @@ class TransformerConv(nn.Module):
 
     @nn.compact
     def __call__(self, graph: gr.Graph, edge_attr=None, return_attention: bool = False) -> Array:
-        h = _nodes(graph)
+        h, edge_attr = _attention_inputs(self, graph, edge_attr, "TransformerConv")
         n, H, C = h.shape[0], self.heads, self.features
-        if H < 1 or C < 1:
-            raise ValueError(f"heads and features must be >= 1, got heads={H}, features={C}.")
-        edge_attr = _check_edge_attr(self.edge_dim, edge_attr, graph, "TransformerConv")
         dense = lambda f, name, bias=self.use_bias: nn.Dense(  # noqa: E731
             f, use_bias=bias, kernel_init=self.kernel_init, param_dtype=h.dtype, name=name
         )

@@ -177,7 +177,38 @@ def _param_dtype(images):
     return t if t == jnp.float64 else jnp.float32  # float64 inputs (tests under x64) give float64 parameters
 
 
-class GraphFusion(nn.Module):
+def _encode(module, images, ids):
+    """The shared front of both matchers (called inside their compact ``__call__``): checks, the two encoders and,
+    with ``embed_dim``, the unimodal embeddings. Returns ``(param_dtype, ids, patches, words, aux)``."""
+    check_inputs(images, ids, module.image_size, module.context_length)
+    pdt = _param_dtype(images)
+    images, ids = jnp.asarray(images, pdt), jnp.asarray(ids, jnp.int32)
+    patches = PatchEncoder(module.width, module.stem_features, module.dtype, name="patches")(images)
+    words = WordEncoder(module.vocab_size, module.width, pdt, name="words")(ids)
+    aux = {}
+    if module.embed_dim:
+        aux["image_embed"], aux["text_embed"], aux["logit_scale"] = UnimodalEmbeddings(
+            module.embed_dim, name="unimodal"
+        )(patches, words, ids != 0)
+    return pdt, ids, patches, words, aux
+
+
+class _Matcher(nn.Module):
+    """The fields both matchers share (see :class:`GraphFusion`)."""
+
+    vocab_size: int
+    context_length: int = 12
+    image_size: int = 48
+    stem_features: tuple[int, ...] = (32, 64, 96)
+    width: int = 96
+    depth: int = 3
+    heads: int = 4
+    mlp_dim: int = 192
+    embed_dim: int = 0
+    dtype: Any = None
+
+
+class GraphFusion(_Matcher):
     """Graph-convolution fusion of image patches and words (see the module docstring for the formula).
 
     Attributes:
@@ -213,22 +244,12 @@ class GraphFusion(nn.Module):
     0.0
     """
 
-    vocab_size: int
-    context_length: int = 12
-    image_size: int = 48
-    stem_features: tuple[int, ...] = (32, 64, 96)
-    width: int = 96
-    depth: int = 3
-    heads: int = 4
-    mlp_dim: int = 192
     knn: int = 4
     grid_neighbours: int = 4
     patch_word: Any = "all"
     conv: str = "transformer"
     readout: str = "global"
     edge_dim: int = 16
-    embed_dim: int = 0
-    dtype: Any = None
 
     def layout(self) -> JointGraphLayout:
         """The pair graph's :class:`~mmjax.multimodal_graph.JointGraphLayout` for this model's sizes."""
@@ -252,19 +273,9 @@ class GraphFusion(nn.Module):
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}.")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}.")
-        check_inputs(images, ids, self.image_size, self.context_length)
-        layout = self.layout()
-        pdt = _param_dtype(images)
-        images, ids = jnp.asarray(images, pdt), jnp.asarray(ids, jnp.int32)
-        word_mask = ids != 0
-        patches = PatchEncoder(self.width, self.stem_features, self.dtype, name="patches")(images)
-        words = WordEncoder(self.vocab_size, self.width, pdt, name="words")(ids)
+        pdt, ids, patches, words, aux = _encode(self, images, ids)
+        layout, word_mask = self.layout(), ids != 0
         global_init = self.param("global_embedding", _POS_INIT, (self.width,), pdt)
-        aux = {}
-        if self.embed_dim:
-            aux["image_embed"], aux["text_embed"], aux["logit_scale"] = UnimodalEmbeddings(
-                self.embed_dim, name="unimodal"
-            )(patches, words, word_mask)
         jg = build_joint_graph(patches, words, word_mask, layout, global_init)
         b, n, p, L = ids.shape[0], layout.num_nodes, layout.num_patches, layout.context_length
         h = jg.graph.nodes + nn.Embed(len(NODE_TYPES), self.width, param_dtype=pdt, name="node_type")(jg.node_type)
@@ -317,7 +328,7 @@ def _patch_word_attention(alpha, graph: Graph, edge_type, b, n, p, L):
     return out.reshape(b, L, p)
 
 
-class CrossAttentionMatcher(nn.Module):
+class CrossAttentionMatcher(_Matcher):
     """The transformer baseline: a pre-LN encoder over ``[global, patches, words]`` with type embeddings; padding
     words are masked as keys; readout the global token, ``LN``, ``Dense(1)``.
 
@@ -335,29 +346,9 @@ class CrossAttentionMatcher(nn.Module):
     (2,)
     """
 
-    vocab_size: int
-    context_length: int = 12
-    image_size: int = 48
-    stem_features: tuple[int, ...] = (32, 64, 96)
-    width: int = 96
-    depth: int = 3
-    heads: int = 4
-    mlp_dim: int = 192
-    embed_dim: int = 0
-    dtype: Any = None
-
     @nn.compact
     def __call__(self, images, ids):
-        check_inputs(images, ids, self.image_size, self.context_length)
-        pdt = _param_dtype(images)
-        images, ids = jnp.asarray(images, pdt), jnp.asarray(ids, jnp.int32)
-        patches = PatchEncoder(self.width, self.stem_features, self.dtype, name="patches")(images)
-        words = WordEncoder(self.vocab_size, self.width, pdt, name="words")(ids)
-        aux = {}
-        if self.embed_dim:
-            aux["image_embed"], aux["text_embed"], aux["logit_scale"] = UnimodalEmbeddings(
-                self.embed_dim, name="unimodal"
-            )(patches, words, ids != 0)
+        pdt, ids, patches, words, aux = _encode(self, images, ids)
         b, p, L = ids.shape[0], patches.shape[1], ids.shape[1]
         glob = jnp.broadcast_to(self.param("global_embedding", _POS_INIT, (self.width,), pdt), (b, 1, self.width))
         types = jnp.asarray([2] + [0] * p + [1] * L)
