@@ -196,7 +196,13 @@ class JointGraphLayout:
 
 class JointGraph(NamedTuple):
     """A batch of pair graphs: ``graph`` (:class:`Graph`, ``B`` graphs of ``num_nodes`` nodes), ``edge_type``
-    ``int32 [B * num_edges]`` (ids into :data:`EDGE_TYPES`) and ``node_type`` ``int32 [B * num_nodes]``."""
+    ``int32 [B * num_edges]`` (ids into :data:`EDGE_TYPES`) and ``node_type`` ``int32 [B * num_nodes]``.
+
+    >>> layout = JointGraphLayout(grid=(1, 2), context_length=2, patch_word="none")
+    >>> jg = build_joint_graph(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2), bool), layout)
+    >>> [EDGE_TYPES[t] for t in jg.edge_type.tolist()][:3], jg.node_type.tolist()
+    (['patch_grid', 'patch_grid', 'word_next'], [0, 0, 1, 1, 2])
+    """
 
     graph: Graph
     edge_type: Any

@@ -150,6 +150,7 @@ def runs(tmp_path_factory):
 
 
 def test_clip_run_retrieves_and_graph_run_reranks_its_top_k(runs):
+    """One test for the two trained runs (a module fixture would be trained once per xdist worker)."""
     clip_dir, graph_dir, clip, graph = runs
     with open(os.path.join(clip_dir, "report.json")) as f:
         clip_report = json.load(f)
@@ -165,15 +166,18 @@ def test_clip_run_retrieves_and_graph_run_reranks_its_top_k(runs):
     for kind in ("colour", "item", "size", "position", "random"):
         assert 0 <= graph_report[f"heldout_{kind}_accuracy"] <= 1
 
-
-def test_eval_accuracy_is_the_pairwise_accuracy_of_the_scores(runs):
-    _, graph_dir, _, graph = runs
+    # the engine's eval accuracy is the pairwise accuracy of the scores
     from mmjax.train import restore_run
 
     _, task, params, _ = restore_run(graph_dir)
     s = np.concatenate([np.asarray(task.scores(params, b["image"], b["ids"]))[b["mask"]] for b in task.eval_batches()])
     for i, kind in enumerate(task.kinds):
         assert graph[f"eval_{kind}_accuracy"] == pytest.approx(pairwise_accuracy(s[:, 0], s[:, 1 + i]), abs=1e-6)
+    # a retriever that is not a CLIP run is refused
+    task = make_task(prepare_config(_config(**{"graph_matching.retriever": graph_dir})))
+    params = task.init_params(jax.random.key(0), next(task.train_batches(0)))
+    with pytest.raises(ConfigError, match=r"is not a graph_matching run of model 'clip'"):
+        task.retrieval(params)
 
 
 @pytest.mark.parametrize(
@@ -191,14 +195,9 @@ def test_bad_settings_are_refused_with_the_value(overrides, match):
         make_task(prepare_config(_config(**overrides)))
 
 
-def test_unknown_model_and_a_retriever_that_is_not_clip_are_refused(runs):
-    _, graph_dir, _, _ = runs
+def test_unknown_model_is_refused():
     with pytest.raises(ConfigError, match=r"config.model.name='gcn' is not valid for graph_matching"):
         make_task(prepare_config(_config({"name": "gcn"})))
-    task = make_task(prepare_config(_config(**{"graph_matching.retriever": graph_dir})))
-    params = task.init_params(jax.random.key(0), next(task.train_batches(0)))
-    with pytest.raises(ConfigError, match=r"is not a graph_matching run of model 'clip'"):
-        task.retrieval(params)
 
 
 def test_scores_are_the_logit_or_the_scaled_cosine():
