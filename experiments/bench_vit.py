@@ -47,8 +47,25 @@ def matmul_peak(n: int = 2048, steps: int = 5, warmup: int = 2) -> dict:
     return {**timed, "flops_per_call": 2 * n**3}
 
 
-def bench_mmjax(config: str, steps: int, warmup: int) -> dict:
-    """Side ``mmjax``: an mmjax ViT training step (jit, donated state, optax AdamW); also XLA's FLOPs per step."""
+def bench_mmjax(
+    config: str,
+    steps: int,
+    warmup: int,
+    *,
+    donate: bool = True,
+    remat: bool = False,
+    attention: str | None = None,
+    activation: str = "gelu",
+    optimizer: str = "adamw",
+) -> dict:
+    """Side ``mmjax``: an mmjax ViT training step (jit, donated state, optax AdamW); also XLA's FLOPs per step.
+
+    The keywords are the variants ``experiments/bench_vit_profile.py`` measures (the defaults are what ``mmjax``
+    users get): ``donate`` the parameter and optimizer buffers, ``remat`` the blocks, the ``attention``
+    implementation (``None``: :func:`mmjax.attention.select_implementation`), the MLP ``activation``, and
+    ``optimizer`` ``"adamw"`` (``optax.adamw`` on the parameter tree) or ``"adamw_flat"`` (the same update on one
+    flat vector, ``optax.flatten``).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -56,6 +73,8 @@ def bench_mmjax(config: str, steps: int, warmup: int) -> dict:
 
     from mmjax.vit import ViT
 
+    if optimizer not in ("adamw", "adamw_flat"):
+        raise ValueError(f"optimizer must be 'adamw' or 'adamw_flat', got {optimizer!r}")
     cfg = CONFIGS[config]
     model = ViT(
         variant=None,
@@ -66,12 +85,17 @@ def bench_mmjax(config: str, steps: int, warmup: int) -> dict:
         patch_size=cfg["patch"],
         num_classes=cfg["classes"],
         head_zero_init=False,
+        remat=remat,
+        attention_implementation=attention,
+        activation=activation,
     )
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randn(cfg["batch"], cfg["image"], cfg["image"], cfg["channels"]).astype(np.float32))
     labels = jnp.asarray(rng.randint(0, cfg["classes"], cfg["batch"]))
     params = jax.jit(model.init)(jax.random.key(0), images)["params"]
     tx = optax.adamw(1e-3, weight_decay=0.05)
+    if optimizer == "adamw_flat":
+        tx = optax.flatten(tx)
     opt_state = tx.init(params)
 
     def loss_fn(p, x, y):
@@ -83,7 +107,7 @@ def bench_mmjax(config: str, steps: int, warmup: int) -> dict:
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+    step = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
     compiled = step.lower(params, opt_state, images, labels).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -58,6 +58,9 @@ What each choice bought (``eval_item_accuracy`` / ``eval_heldout_combo_accuracy`
   0.8505 / 0.798 (2250 steps: 0.8545 / 0.7965); a wider last stem conv, ``--config.model.vision_stem_features=(32,
   64,128,192)``, seeds 0, 1, 2: 0.8465 / 0.854 / 0.847 (mean 0.8492; held-out 0.7965 / 0.798 / 0.784), +0.002 over
   this config's mean, not enough to adopt.
+* tried for it on 2026-12-07: an EMA of the weights for every evaluation (``--config.optimizer.ema_decay=0.999
+  --config.optimizer.ema_warmup=True``), seeds 1 and 2: 0.843 / 0.8455 (held-out 0.7955 / 0.7895), sum 1.6885 against
+  1.687 for this config's seeds 1 and 2 (0.8415 and 0.8455): no gain, not adopted (seed 0 was not run).
 
 Zero-shot prompts are in the caption grammar and ensembled over the other attributes
 (:data:`mmjax.data.captions.ZERO_SHOT_TEMPLATES`: the class "sneaker" averages the 80 prompts "a small red sneaker in

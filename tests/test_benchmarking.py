@@ -136,6 +136,26 @@ def test_every_benchmarks_sides_run_at_a_tiny_size(benchmarking):
         assert out["peak_mib"] >= 0 and 1 <= len(out["wall_s"]) <= 5
 
 
+def test_vit_profile_variants_and_breakdown_run_at_a_tiny_size(benchmarking):
+    import bench_vit
+    import bench_vit_profile
+
+    for name in ("no_donate", "remat", "attn_reference", "gelu_tanh", "adamw_flat"):  # in this process
+        _check_timed(bench_vit_profile.SIDES[name](config="tiny", steps=1, warmup=0))
+    # a variant with its own environment runs in a process of its own, which re-executes itself with it
+    out = benchmarking.run_side(bench_vit_profile.__file__, "xnnpack", {"config": "tiny", "steps": 1, "warmup": 0})
+    assert "error" not in out, out
+    assert out["xla_flags"] == "--xla_cpu_use_xnnpack=true" and len(out["wall_s"]) == 1
+    res = bench_vit_profile.breakdown("tiny", steps=1, warmup=0)
+    parts = res["parts"]
+    assert parts["step (fwd + bwd + AdamW)"]["share_of_step"] == 1.0
+    assert all(p["median_s"] > 0 and p["count"] >= 1 for p in parts.values())
+    assert parts["    LayerNorm"]["count"] == 2 * bench_vit.CONFIGS["tiny"]["depth"]
+    assert res["hlo_census"]["dot"] > 0 and res["hlo_census"]["fusion"] > 0
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'adamw_flat'"):
+        bench_vit.bench_mmjax("tiny", 1, 0, optimizer="sgd")
+
+
 def test_diffusion_benchmark_sides_run_at_a_tiny_size(benchmarking):
     import bench_diffusion
 
