@@ -47,24 +47,23 @@ def matmul_peak(n: int = 2048, steps: int = 5, warmup: int = 2) -> dict:
     return {**timed, "flops_per_call": 2 * n**3}
 
 
-def bench_mmjax(
+def build_step(
     config: str,
-    steps: int,
-    warmup: int,
     *,
-    donate: bool = True,
     remat: bool = False,
     attention: str | None = None,
     activation: str = "gelu",
     optimizer: str = "adamw",
 ) -> dict:
-    """Side ``mmjax``: an mmjax ViT training step (jit, donated state, optax AdamW); also XLA's FLOPs per step.
+    """The mmjax ViT training step of ``config`` (forward + backward + AdamW, not jitted) and its inputs.
 
-    The keywords are the variants ``experiments/bench_vit_profile.py`` measures (the defaults are what ``mmjax``
-    users get): ``donate`` the parameter and optimizer buffers, ``remat`` the blocks, the ``attention``
-    implementation (``None``: :func:`mmjax.attention.select_implementation`), the MLP ``activation``, and
-    ``optimizer`` ``"adamw"`` (``optax.adamw`` on the parameter tree) or ``"adamw_flat"`` (the same update on one
-    flat vector, ``optax.flatten``).
+    Returns ``{"step": (params, opt_state, images, labels) -> (params, opt_state, loss), "loss_fn", "update":
+    (grads, opt_state, params) -> (params, opt_state), "model", "params", "opt_state", "images", "labels"}``. The
+    keywords are the variants ``experiments/bench_vit_profile.py`` measures (the defaults are what ``mmjax`` users
+    get): ``remat`` the blocks, the ``attention`` implementation (``None``:
+    :func:`mmjax.attention.select_implementation`), the MLP ``activation``, and ``optimizer`` ``"adamw"``
+    (``optax.adamw`` on the parameter tree) or ``"adamw_flat"`` (the same update on one flat vector,
+    ``optax.flatten``).
     """
     import jax
     import jax.numpy as jnp
@@ -96,29 +95,54 @@ def bench_mmjax(
     tx = optax.adamw(1e-3, weight_decay=0.05)
     if optimizer == "adamw_flat":
         tx = optax.flatten(tx)
-    opt_state = tx.init(params)
 
     def loss_fn(p, x, y):
         logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def train_step(p, s, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+    def update(grads, s, p):
         updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
+        return optax.apply_updates(p, updates), s
 
-    step = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
-    compiled = step.lower(params, opt_state, images, labels).compile()
+    def step(p, s, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        return (*update(grads, s, p), loss)
+
+    return dict(
+        step=step,
+        loss_fn=loss_fn,
+        update=update,
+        model=model,
+        params=params,
+        opt_state=tx.init(params),
+        images=images,
+        labels=labels,
+    )
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of one call of a compiled jax function by XLA's cost analysis (NaN when it has none)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    state = {"p": params, "s": opt_state}
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def bench_mmjax(config: str, steps: int, warmup: int, *, donate: bool = True, **variant) -> dict:
+    """Side ``mmjax``: an mmjax ViT training step (jit, donated state unless ``donate=False``, optax AdamW); also
+    XLA's FLOPs per step. ``variant``: the keywords of :func:`build_step`."""
+    import jax
+
+    s = build_step(config, **variant)
+    step = jax.jit(s["step"], donate_argnums=(0, 1) if donate else ())
+    images, labels = s["images"], s["labels"]
+    compiled = step.lower(s["params"], s["opt_state"], images, labels).compile()
+    state = {"p": s["params"], "s": s["opt_state"]}
 
     def one():
         state["p"], state["s"], loss = compiled(state["p"], state["s"], images, labels)
         loss.block_until_ready()
 
-    return {**benchmarking.time_calls(one, steps=steps, warmup=warmup), "flops_per_step": flops}
+    return {**benchmarking.time_calls(one, steps=steps, warmup=warmup), "flops_per_step": xla_flops(compiled)}
 
 
 def bench_torch(config: str, steps: int, warmup: int) -> dict:

@@ -80,11 +80,8 @@ def _timed(fn, args, steps: int, warmup: int) -> dict:
     import jax
 
     compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     t = benchmarking.time_calls(lambda: jax.block_until_ready(compiled(*args)), steps=steps, warmup=warmup)
-    return {"median_s": benchmarking.summary(t["wall_s"])["median"], "flops": flops}
+    return {"median_s": benchmarking.summary(t["wall_s"])["median"], "flops": bench_vit.xla_flops(compiled)}
 
 
 def hlo_census(hlo_text: str) -> dict:
@@ -112,13 +109,11 @@ def breakdown(config: str, steps: int = 10, warmup: int = 3) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import linen as nn
 
     from mmjax.attention import dot_product_attention
     from mmjax.layer_norm import LayerNorm
     from mmjax.layers import EncoderBlock, EncoderConfig, get_activation
-    from mmjax.vit import ViT
 
     cfg = bench_vit.CONFIGS[config]
     B, W, N, M, D = cfg["batch"], cfg["width"], cfg["heads"], cfg["mlp"], cfg["depth"]
@@ -129,34 +124,9 @@ def breakdown(config: str, steps: int = 10, warmup: int = 3) -> dict:
     def normal(*shape):
         return jnp.asarray(rng.randn(*shape).astype(np.float32))
 
-    model = ViT(
-        variant=None,
-        width=W,
-        depth=D,
-        num_heads=N,
-        mlp_dim=M,
-        patch_size=cfg["patch"],
-        num_classes=cfg["classes"],
-        head_zero_init=False,
-    )
-    images = normal(B, cfg["image"], cfg["image"], cfg["channels"])
-    labels = jnp.asarray(rng.randint(0, cfg["classes"], B))
-    params = jax.jit(model.init)(jax.random.key(0), images)["params"]
-    tx = optax.adamw(1e-3, weight_decay=0.05)
-    opt_state = tx.init(params)
-
-    def loss_fn(p, x, y):
-        logits, _ = model.apply({"params": p}, x, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(p, s, x, y):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
-    def update(g, s, p):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+    vit = bench_vit.build_step(config)
+    params, opt_state, images, labels = (vit[k] for k in ("params", "opt_state", "images", "labels"))
+    step, loss_fn, update = vit["step"], vit["loss_fn"], vit["update"]
 
     def fwd_bwd(module, variables, *xs):
         def f(v, *a):
