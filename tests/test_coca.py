@@ -2,9 +2,6 @@
 generate() runs on it, the loss is 2 * caption + 1 * contrastive recomputed by hand, the parallel modes agree
 (float64 proof, float32 bound), a preempted run resumes bit-exactly, bad settings are refused."""
 
-import os
-import signal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +15,8 @@ from mmjax.errors import ConfigError, UserError
 from mmjax.generate import generate, log_likelihood
 from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
-from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.coca import CoCaTask
-from tests.test_train_task import run
-from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
-
-SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
+from tests.task_helpers import SIGTERM_ENV, SigtermAtStep, assert_modes_agree_after_one_step, saved_state
 
 CLIP_CONFIG = get_config("tiny", vision_depth=1, text_depth=1, vision_heads=2, text_heads=2)
 DECODER = DecoderConfig(vocab_size=64, width=16, depth=1, num_heads=2, mlp_dim=32, max_length=12, eos_id=63)
@@ -114,16 +107,8 @@ def _config(**overrides) -> dict:
     return config
 
 
-class SigtermCoCaTask(CoCaTask):
-    """Sends itself SIGTERM while loading the batch of step ``$MMJAX_TEST_SIGTERM_AT_STEP`` (1-based), so the run
-    stops after that step as a preempted job does."""
-
-    def train_batches(self, start_step):
-        stop = int(os.environ.get(SIGTERM_ENV, "0"))
-        for step, batch in enumerate(super().train_batches(start_step), start=start_step + 1):
-            if step == stop:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
+class SigtermCoCaTask(SigtermAtStep, CoCaTask):
+    """The CoCa task, preempting itself at step ``$MMJAX_TEST_SIGTERM_AT_STEP``."""
 
 
 @pytest.fixture(scope="module")
@@ -166,40 +151,14 @@ def test_parallel_modes_agree_in_float64_and_float32(initial_params):
     once). Adam eps 1e-2 as tests/test_train_captioning.py (identically-zero gradients, e.g. the attention key biases,
     would otherwise turn round-off into steps of up to lr)."""
     config = prepare_config(_config())
-    opt = {"eps": 1e-2, "grad_clip": 1.0}
 
-    def task(in_float64=False):
+    def task():
         t = make_task(config)
-        if not in_float64:
-            t.init_params = lambda rng, batch: initial_params
-            return t
-        batches = t.train_batches
-        t.train_batches = lambda start: (to_float64(b) for b in batches(start))
-        t.init_params = lambda rng, batch: to_float64(initial_params)
+        t.init_params = lambda rng, batch: initial_params
         return t
 
-    with float64():  # the equality itself
-        reference64 = run(task(in_float64=True), "single", steps=1, **opt)
-        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
-        for mode in ("pmap", "sharded"):
-            got = run(task(in_float64=True), mode, steps=1, **opt)
-            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
-    reference = run(task(), "single", steps=1, **opt)
-    # gradient entries are clipped to global norm 1; their float32 round-off between layouts: sums over the batch's
-    # 16 x 11 tokens and 16 x 16 image-text pairs through a few layers (sqrt growth for terms of both signs)
-    dg = float32_atol(1.0, terms=4 * np.sqrt(16 * 16))
-    for mode in ("pmap", "sharded"):
-        got = run(task(), mode, steps=1, **opt)
-        for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
-            atol = adam_params_atol(steps=1, lr=0.05, adam_eps=1e-2, grad_atol=dg, param_scale=np.abs(want).max())
-            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
-
-
-def _saved(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    tree = ckpt._manager.restore(ckpt.latest_step())
-    ckpt.close()
-    return jax.device_get(tree)
+    # clipped gradients: sums over the batch's 16 x 11 tokens and 16 x 16 image-text pairs
+    assert_modes_agree_after_one_step(task, gradient_terms=16 * 16)
 
 
 def test_a_preempted_run_resumes_bit_exactly(tmp_path, monkeypatch):
@@ -221,7 +180,7 @@ def test_a_preempted_run_resumes_bit_exactly(tmp_path, monkeypatch):
     monkeypatch.delenv(SIGTERM_ENV)
     resumed = train_and_evaluate(config, workdir)
     assert resumed["step"] == 4
-    got, want = _saved(workdir), _saved(reference_dir)
+    got, want = saved_state(workdir), saved_state(reference_dir)
     for tree in ("params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, got[tree], want[tree])
     assert resumed["eval_loss"] == reference["eval_loss"]

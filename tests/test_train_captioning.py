@@ -4,7 +4,6 @@ evaluation agrees with mmjax.generate, the final report parses its captions, bad
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +16,7 @@ from mmjax.errors import ConfigError, UserError
 from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
 from mmjax.train.captioning import CaptioningTask
-from mmjax.train.checkpoint import Checkpointer
-from tests.test_train_task import run
-from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
-
-SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
+from tests.task_helpers import SIGTERM_ENV, SigtermAtStep, assert_modes_agree_after_one_step, saved_state
 
 
 def _config(**overrides) -> dict:
@@ -57,16 +52,8 @@ def _config(**overrides) -> dict:
     return config
 
 
-class SigtermCaptioningTask(CaptioningTask):
-    """Sends itself SIGTERM while loading the batch of step ``$MMJAX_TEST_SIGTERM_AT_STEP`` (1-based), so the run
-    stops after that step as a preempted job does."""
-
-    def train_batches(self, start_step):
-        stop = int(os.environ.get(SIGTERM_ENV, "0"))
-        for step, batch in enumerate(super().train_batches(start_step), start=start_step + 1):
-            if step == stop:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
+class SigtermCaptioningTask(SigtermAtStep, CaptioningTask):
+    """The captioning task, preempting itself at step ``$MMJAX_TEST_SIGTERM_AT_STEP``."""
 
 
 def test_the_loss_is_the_token_cross_entropy_over_non_pad_targets():
@@ -108,36 +95,8 @@ def test_parallel_modes_agree_in_float64_and_float32():
     optimizer step from the same params. Adam eps 1e-2 (as tests/test_multihost.py): the attention key biases have
     identically-zero gradients, and with a tiny eps Adam would turn their round-off into steps of up to lr."""
     config = prepare_config(_config(batch_size=16))
-    opt = {"eps": 1e-2, "grad_clip": 1.0}
-
-    def in_float64(t):
-        batches, init = t.train_batches, t.init_params
-        t.train_batches = lambda start: (to_float64(b) for b in batches(start))
-        t.init_params = lambda rng, batch: to_float64(init(rng, batch))
-        return t
-
-    with float64():  # the equality itself
-        reference64 = run(in_float64(make_task(config)), "single", steps=1, **opt)
-        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
-        for mode in ("pmap", "sharded"):
-            got = run(in_float64(make_task(config)), mode, steps=1, **opt)
-            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
-    reference = run(make_task(config), "single", steps=1, **opt)
-    # gradient entries are clipped to global norm 1; their float32 round-off between layouts: a sum over the
-    # batch's 16 x 11 tokens through a few layers (sqrt growth for terms of both signs)
-    dg = float32_atol(1.0, terms=4 * np.sqrt(16 * 11))
-    for mode in ("pmap", "sharded"):
-        got = run(make_task(config), mode, steps=1, **opt)
-        for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
-            atol = adam_params_atol(steps=1, lr=0.05, adam_eps=1e-2, grad_atol=dg, param_scale=np.abs(want).max())
-            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
-
-
-def _saved(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    tree = ckpt._manager.restore(ckpt.latest_step())
-    ckpt.close()
-    return jax.device_get(tree)
+    # clipped gradients: sums over the batch's 16 x 11 tokens
+    assert_modes_agree_after_one_step(lambda: make_task(config), gradient_terms=16 * 11)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +115,7 @@ def test_a_preempted_run_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
     monkeypatch.delenv(SIGTERM_ENV)
     resumed = train_and_evaluate(config, workdir)
     assert resumed["step"] == 6
-    got, want = _saved(workdir), _saved(reference_dir)
+    got, want = saved_state(workdir), saved_state(reference_dir)
     for tree in ("params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, got[tree], want[tree])
     assert resumed["eval_loss"] == reference["eval_loss"]
@@ -185,7 +144,7 @@ def test_greedy_evaluation_equals_mmjax_generate(tiny_run):
 
     workdir, _ = tiny_run
     task = make_task(prepare_config(_config()), workdir=workdir)
-    params = _saved(workdir)["params"]
+    params = saved_state(workdir)["params"]
     batch = jax.tree.map(jnp.asarray, next(iter(task.eval_batches())))
     images = task._images(batch["image"])
     ours = np.asarray(jax.jit(task._greedy_ids)(params, images))

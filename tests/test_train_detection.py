@@ -5,7 +5,6 @@ preempted run resumes bit-exactly, the report's AP is coco_ap of the saved predi
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +17,9 @@ from mmjax.errors import ConfigError, UserError
 from mmjax.evaluate import coco_ap
 from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
-from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.detection import VOCABULARY, DetectionTask
-from tests.test_train_task import run
-from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
+from tests.task_helpers import SIGTERM_ENV, SigtermAtStep, assert_modes_agree_after_one_step, saved_state
 
-SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
 MODEL = {
     "embed_dim": 8,
     "patch_size": 4,
@@ -62,15 +58,8 @@ def _config(**overrides) -> dict:
     return config
 
 
-class SigtermDetectionTask(DetectionTask):
-    """Sends itself SIGTERM while loading the batch of step ``$MMJAX_TEST_SIGTERM_AT_STEP`` (1-based)."""
-
-    def train_batches(self, start_step):
-        stop = int(os.environ.get(SIGTERM_ENV, "0"))
-        for step, batch in enumerate(super().train_batches(start_step), start=start_step + 1):
-            if step == stop:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
+class SigtermDetectionTask(SigtermAtStep, DetectionTask):
+    """The detection task, preempting itself at step ``$MMJAX_TEST_SIGTERM_AT_STEP``."""
 
 
 @pytest.fixture(scope="module")
@@ -124,35 +113,8 @@ def test_parallel_modes_agree_in_float64_and_float32():
     """single / pmap (8 devices) / sharded: one optimizer step from the same params (the loss is a mean of per-image
     losses). Adam eps 1e-2 as the other task tests: parameters with identically-zero gradients stay put."""
     config = prepare_config(_config())
-    opt = {"eps": 1e-2, "grad_clip": 1.0}
-
-    def in_float64(t):
-        batches, init = t.train_batches, t.init_params
-        t.train_batches = lambda start: (to_float64(b) for b in batches(start))
-        t.init_params = lambda rng, batch: to_float64(init(rng, batch))
-        return t
-
-    with float64():
-        reference64 = run(in_float64(make_task(config)), "single", steps=1, **opt)
-        assert all(x.dtype == np.float64 for x in jax.tree.leaves(reference64))
-        for mode in ("pmap", "sharded"):
-            got = run(in_float64(make_task(config)), mode, steps=1, **opt)
-            assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
-    reference = run(make_task(config), "single", steps=1, **opt)
-    # clipped gradients (global norm 1): a mean over 16 images x 16 tokens x 6 queries through a few layers
-    dg = float32_atol(1.0, terms=4 * np.sqrt(16 * 16 * 6))
-    for mode in ("pmap", "sharded"):
-        got = run(make_task(config), mode, steps=1, **opt)
-        for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
-            atol = adam_params_atol(steps=1, lr=0.05, adam_eps=1e-2, grad_atol=dg, param_scale=np.abs(want).max())
-            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
-
-
-def _saved(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    tree = ckpt._manager.restore(ckpt.latest_step())
-    ckpt.close()
-    return jax.device_get(tree)
+    # clipped gradients: means over 16 images x 16 tokens x 6 queries
+    assert_modes_agree_after_one_step(lambda: make_task(config), gradient_terms=16 * 16 * 6)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +133,7 @@ def test_a_preempted_run_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
     monkeypatch.delenv(SIGTERM_ENV)
     resumed = train_and_evaluate(config, workdir)
     assert resumed["step"] == 4
-    got, want = _saved(workdir), _saved(reference_dir)
+    got, want = saved_state(workdir), saved_state(reference_dir)
     for tree in ("params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, got[tree], want[tree])
     assert resumed["eval_grounding_recall"] == reference["eval_grounding_recall"]
@@ -180,7 +142,7 @@ def test_a_preempted_run_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
 def test_the_report_is_coco_ap_of_the_predictions(tiny_run):
     workdir, result = tiny_run
     task = make_task(prepare_config(_config()), workdir=workdir)
-    params = _saved(workdir)["params"]
+    params = saved_state(workdir)["params"]
     held = task._eval_canvases("heldout")
     detections = task.predict(params, held.images, np.arange(80))
     assert all(len(d["scores"]) == 100 and np.all(np.diff(d["scores"]) <= 0) for d in detections)
@@ -215,7 +177,7 @@ def test_a_clip_run_drops_in_with_its_tokenizer(tmp_path):
         "plot": False,
     }
     train_and_evaluate(clip, clip_dir)
-    clip_params = _saved(clip_dir)["params"]
+    clip_params = saved_state(clip_dir)["params"]
     workdir = str(tmp_path / "detect")
     config = prepare_config(_config(init_from=clip_dir, **{"data.colour_space": "hsv"}))
     task = make_task(config, workdir=workdir)
