@@ -58,7 +58,7 @@ def build_step(
     """The mmjax ViT training step of ``config`` (forward + backward + AdamW, not jitted) and its inputs.
 
     Returns ``{"step": (params, opt_state, images, labels) -> (params, opt_state, loss), "loss_fn", "update":
-    (grads, opt_state, params) -> (params, opt_state), "model", "params", "opt_state", "images", "labels"}``. The
+    (grads, opt_state, params) -> (params, opt_state), "params", "opt_state", "images", "labels"}``. The
     keywords are the variants ``experiments/bench_vit_profile.py`` measures (the defaults are what ``mmjax`` users
     get): ``remat`` the blocks, the ``attention`` implementation (``None``:
     :func:`mmjax.attention.select_implementation`), the MLP ``activation``, and ``optimizer`` ``"adamw"``
@@ -112,7 +112,6 @@ def build_step(
         step=step,
         loss_fn=loss_fn,
         update=update,
-        model=model,
         params=params,
         opt_state=tx.init(params),
         images=images,

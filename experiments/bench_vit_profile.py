@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_vit  # noqa: E402
 import benchmarking  # noqa: E402
 
-_HUGE = "glibc.malloc.hugetlb=1"
 # name: (bench_vit.bench_mmjax keywords, environment of the side's process or None for the harness's)
 VARIANTS = {
     "base": ({}, None),
@@ -75,13 +74,13 @@ def run_variant(name: str, config: str, steps: int, warmup: int) -> dict:
 SIDES = {name: (lambda n: lambda **o: run_variant(n, **o))(name) for name in VARIANTS}
 
 
-def _timed(fn, args, steps: int, warmup: int) -> dict:
-    """Median wall seconds of the jitted ``fn(*args)`` and XLA's FLOPs per call."""
+def _timed(fn, args, steps: int, warmup: int):
+    """Median wall seconds of the jitted ``fn(*args)`` and XLA's FLOPs per call; and the compiled function."""
     import jax
 
     compiled = jax.jit(fn).lower(*args).compile()
     t = benchmarking.time_calls(lambda: jax.block_until_ready(compiled(*args)), steps=steps, warmup=warmup)
-    return {"median_s": benchmarking.summary(t["wall_s"])["median"], "flops": bench_vit.xla_flops(compiled)}
+    return {"median_s": benchmarking.summary(t["wall_s"])["median"], "flops": bench_vit.xla_flops(compiled)}, compiled
 
 
 def hlo_census(hlo_text: str) -> dict:
@@ -128,16 +127,15 @@ def breakdown(config: str, steps: int = 10, warmup: int = 3) -> dict:
     params, opt_state, images, labels = (vit[k] for k in ("params", "opt_state", "images", "labels"))
     step, loss_fn, update = vit["step"], vit["loss_fn"], vit["update"]
 
-    def fwd_bwd(module, variables, *xs):
+    def part(module, *xs):
+        """Forward + backward of ``module`` on ``xs`` (gradients of its variables and inputs), and its arguments."""
+
         def f(v, *a):
             y = module.apply(v, *a)
             return jnp.sum(y * y)  # a cotangent that is not all ones
 
-        return jax.value_and_grad(f, argnums=tuple(range(len(xs) + 1)))
-
-    def part(module, *xs):
         variables = jax.jit(module.init)(jax.random.key(1), *xs)
-        return fwd_bwd(module, variables, *xs), (variables, *xs)
+        return jax.value_and_grad(f, argnums=tuple(range(len(xs) + 1))), (variables, *xs)
 
     x = normal(B, T, W)
     enc = EncoderConfig(num_heads=N, mlp_dim=M, width=W)
@@ -208,13 +206,13 @@ def breakdown(config: str, steps: int = 10, warmup: int = 3) -> dict:
     parts["    GELU (tanh)"] = (jax.value_and_grad(lambda a: jnp.sum(get_activation("gelu_tanh")(a) ** 2)), (g,), D)
 
     results = {}
-    step_s = None
+    step_s = step_hlo = None
     for name, (fn, args, count) in parts.items():
-        r = _timed(fn, args, steps, warmup)
-        step_s = step_s or r["median_s"]
+        r, compiled = _timed(fn, args, steps, warmup)
+        if step_s is None:  # the first part is the whole step
+            step_s, step_hlo = r["median_s"], compiled.as_text()
         results[name] = {**r, "count": count, "share_of_step": r["median_s"] * count / step_s}
-    hlo = jax.jit(step).lower(params, opt_state, images, labels).compile().as_text()
-    return {"config": config, "parts": results, "hlo_census": hlo_census(hlo)}
+    return {"config": config, "parts": results, "hlo_census": hlo_census(step_hlo)}
 
 
 def print_breakdown(res: dict, peak: float) -> None:

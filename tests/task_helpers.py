@@ -9,12 +9,11 @@ import jax
 import numpy as np
 
 from mmjax.train.checkpoint import Checkpointer
-from tests.test_train_task import run
+from tests.test_train_task import RUN_LR, run
 from tests.tolerances import adam_params_atol, assert_trees_float64_equal, float32_atol, float64, to_float64
 
 SIGTERM_ENV = "MMJAX_TEST_SIGTERM_AT_STEP"
 MODE_TEST_ADAM = {"eps": 1e-2, "grad_clip": 1.0}  # eps 1e-2: identically-zero gradients stay put (see below)
-_LR = 0.05  # tests.test_train_task.run's learning rate
 
 
 class SigtermAtStep:
@@ -65,5 +64,7 @@ def assert_modes_agree_after_one_step(new_task, gradient_terms: float, opt: dict
     for mode in ("pmap", "sharded"):
         got = run(new_task(), mode, steps=1, **opt)
         for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
-            atol = adam_params_atol(steps=1, lr=_LR, adam_eps=opt["eps"], grad_atol=dg, param_scale=np.abs(want).max())
+            atol = adam_params_atol(
+                steps=1, lr=RUN_LR, adam_eps=opt["eps"], grad_atol=dg, param_scale=np.abs(want).max()
+            )
             np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=f"{mode} {jax.tree_util.keystr(path)}")

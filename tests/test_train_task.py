@@ -83,8 +83,11 @@ class ToyStackedTask(ToyContrastiveTask):
         return jax.vmap(one)(batch["nodes"], batch["mask"], batch["target"]).mean(), {}
 
 
+RUN_LR = 0.05  # run()'s learning rate
+
+
 def run(task, mode, steps=3, accum=1, **optimizer):
-    config = prepare_config({"optimizer": {"lr": 0.05, "warmup_steps": 0, "grad_accum_steps": accum, **optimizer}})
+    config = prepare_config({"optimizer": {"lr": RUN_LR, "warmup_steps": 0, "grad_accum_steps": accum, **optimizer}})
     plan = make_plan(mode)
     first = next(task.train_batches(0))
     plan.check_batch_size(jax.tree.leaves(first)[0].shape[0], accum)
