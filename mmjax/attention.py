@@ -682,13 +682,16 @@ class KVCache(NamedTuple):
     that a jitted decoding step takes and returns (no mutable collections).
 
     Attributes:
-      key: ``[B, max_length, K, D]``, the projected keys of positions ``0 .. index - 1`` (zeros after).
-      value: ``[B, max_length, K, Dv]``.
+      key: ``[B, K, max_length, D]``, the projected keys of positions ``0 .. index - 1`` (zeros after), heads-major
+        as the attention kernels multiply them: a decoding step then reads the cache without transposing it (in
+        the token-major ``[B, max_length, K, D]`` layout of the projections, XLA:CPU copied every layer's cache
+        into heads-major order at every step: 40% of a greedy step of ``experiments/bench_generate.py``).
+      value: ``[B, K, max_length, Dv]``.
       index: int32 scalar, the number of positions filled (where the next tokens go).
 
     >>> c = KVCache.empty(batch=2, max_length=8, num_kv_heads=1, head_dim=4)
     >>> c.key.shape, int(c.index)
-    ((2, 8, 1, 4), 0)
+    ((2, 1, 8, 4), 0)
     """
 
     key: Array
@@ -698,29 +701,31 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype: Any = jnp.float32) -> KVCache:
         """An empty cache (zeros, ``index = 0``) for ``batch`` sequences of up to ``max_length`` positions."""
-        shape = (batch, max_length, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, max_length, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
 def _append_to_cache(cache: KVCache, k: Array, v: Array) -> KVCache:
     """Writes ``k``/``v`` ``[B, T, K, D]`` at positions ``cache.index .. cache.index + T - 1``."""
-    if cache.key.shape[0] != k.shape[0] or cache.key.shape[2:] != k.shape[2:] or cache.value.shape[3] != v.shape[3]:
+    B, K, L, D = cache.key.shape
+    if (B, K, D) != (k.shape[0], *k.shape[2:]) or cache.value.shape[3] != v.shape[3]:
         raise ValueError(
             f"MultiHeadAttention: the KV cache holds keys {tuple(cache.key.shape)} and values "
-            f"{tuple(cache.value.shape)} ([batch, max_length, kv_heads, head_dim]) but this step projects keys "
-            f"{tuple(k.shape)} and values {tuple(v.shape)}; make the cache for this batch size and layer "
-            "(e.g. a cache from another batch size cannot be reused)."
+            f"{tuple(cache.value.shape)} ([batch, kv_heads, max_length, head_dim]) but this step projects keys "
+            f"{tuple(k.shape)} and values {tuple(v.shape)} ([batch, tokens, kv_heads, head_dim]); make the cache "
+            "for this batch size and layer (e.g. a cache from another batch size cannot be reused)."
         )
-    if k.shape[1] > cache.key.shape[1]:
+    if k.shape[1] > L:
         raise ValueError(
-            f"MultiHeadAttention: {k.shape[1]} new positions do not fit a KV cache of max_length "
-            f"{cache.key.shape[1]}; make the cache longer."
+            f"MultiHeadAttention: {k.shape[1]} new positions do not fit a KV cache of max_length {L}; make the "
+            "cache longer."
         )
     zero = jnp.zeros((), cache.index.dtype)
-    start = (zero, cache.index, zero, zero)
+    start = (zero, zero, cache.index, zero)
+    heads_major = lambda x, like: x.astype(like.dtype).swapaxes(1, 2)  # noqa: E731  [B, T, K, D] -> [B, K, T, D]
     return KVCache(
-        lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
-        lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
+        lax.dynamic_update_slice(cache.key, heads_major(k, cache.key), start),
+        lax.dynamic_update_slice(cache.value, heads_major(v, cache.value), start),
         cache.index + k.shape[1],
     )
 
@@ -861,7 +866,8 @@ class MultiHeadAttention(nn.Module):
         causal_offset = None
         if kv_cache is not None:
             kv_cache = _append_to_cache(kv_cache, k, v)
-            k, v = kv_cache.key, kv_cache.value
+            # token-major views of the heads-major cache: the kernels' own transposes to heads-major cancel them
+            k, v = kv_cache.key.swapaxes(1, 2), kv_cache.value.swapaxes(1, 2)
             start = kv_cache.index - q.shape[1]
             if is_causal:
                 causal_offset = start

@@ -145,15 +145,18 @@ class DecoderCache(NamedTuple):
     """Everything a decoding step carries: a plain pytree (jit, ``lax.while_loop`` and ``tree.map`` take it).
 
     Attributes:
-      self_attention: one :class:`mmjax.attention.KVCache` per block, ``[B, max_length, heads, head_dim]`` each.
-      cross_key_value: per block, the projected ``(keys, values)`` of the encoder tokens, ``[B, S, heads,
-        head_dim]`` each (zeros until the prefill call passes ``encoded``); ``()`` without cross-attention.
+      self_attention: one :class:`mmjax.attention.KVCache` per block, ``[B, heads, max_length, head_dim]`` each.
+      cross_key_value: per block, the projected ``(keys, values)`` of the encoder tokens, ``[B, heads, S,
+        head_dim]`` each, heads-major as the KV cache (zeros until the prefill call passes ``encoded``); ``()``
+        without cross-attention. Their
+        batch may also be ``B / K``: then the ``K`` sequences ``b * K .. b * K + K - 1`` (the beams of image ``b``)
+        share the keys/values of row ``b`` (``reorder_cache(..., cross=False)`` makes such a cache).
 
     ``index`` (a property) is the number of positions filled: where the next tokens go.
 
     >>> cache = init_cache(DecoderConfig(10, 8, 2, 2, 16, 6), batch_size=3, max_length=5, encoded_length=4)
     >>> len(cache.self_attention), cache.self_attention[0].key.shape, int(cache.index)
-    (2, (3, 5, 2, 4), 0)
+    (2, (3, 2, 5, 4), 0)
     """
 
     self_attention: tuple[KVCache, ...]
@@ -172,7 +175,7 @@ class DecoderCache(NamedTuple):
     @property
     def max_length(self) -> int:
         """Positions the cache can hold."""
-        return self.self_attention[0].key.shape[1]
+        return self.self_attention[0].key.shape[2]
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_length: int, encoded_length: int = 0) -> DecoderCache:
@@ -191,8 +194,8 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int, encoded_
       ValueError: ``max_length`` outside ``[1, config.max_length]`` or a non-positive size.
 
     >>> cfg = DecoderConfig(vocab_size=10, width=8, depth=1, num_heads=2, mlp_dim=16, max_length=6)
-    >>> init_cache(cfg, 2, 6, encoded_length=3).cross_key_value[0][0].shape
-    (2, 3, 2, 4)
+    >>> init_cache(cfg, 2, 6, encoded_length=3).cross_key_value[0][0].shape  # [B, heads, S, head_dim]
+    (2, 2, 3, 4)
     """
     if not isinstance(max_length, int) or not 1 <= max_length <= config.max_length:
         raise ValueError(
@@ -212,17 +215,22 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int, encoded_
                 f"init_cache: encoded_length={encoded_length!r} must be the positive number of encoder tokens the "
                 "cross-attention reads."
             )
-        shape = (batch_size, encoded_length, heads, head_dim)
+        shape = (batch_size, heads, encoded_length, head_dim)
         cross = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.depth))
     return DecoderCache(layers, cross)
 
 
-def reorder_cache(cache: DecoderCache, indices: Array) -> DecoderCache:
+def reorder_cache(cache: DecoderCache, indices: Array, *, cross: bool = True) -> DecoderCache:
     """The cache of the batch rows ``indices`` (``new[b] = old[indices[b]]``), e.g. the surviving beams.
 
     Args:
       cache: a :class:`DecoderCache` of batch ``B``.
       indices: int ``[B']`` row indices into ``[0, B)``.
+      cross: also gather the cross-attention keys/values. ``False`` keeps them as they are: right when every row
+        ``b * K + k`` of the new batch comes from a row of the same image ``b`` (beam search: the beams of an image
+        are expanded from it and reordered among themselves), since the decoder then reads image ``b``'s keys for
+        the ``K`` rows ``b * K ..`` (see :class:`DecoderCache`); it saves gathering ``K`` copies of the image's keys
+        and values at every step.
 
     Returns:
       A cache of batch ``B'`` with the same fill index.
@@ -230,12 +238,15 @@ def reorder_cache(cache: DecoderCache, indices: Array) -> DecoderCache:
     >>> cfg = DecoderConfig(vocab_size=10, width=8, depth=1, num_heads=2, mlp_dim=16, max_length=6)
     >>> c = init_cache(cfg, 2, 4, 3)
     >>> reorder_cache(c, jnp.array([1, 1, 0])).self_attention[0].key.shape
-    (3, 4, 2, 4)
+    (3, 2, 4, 4)
+    >>> beams = reorder_cache(c, jnp.array([0, 0, 0, 1, 1, 1]), cross=False)  # 3 beams per image, keys shared
+    >>> beams.self_attention[0].key.shape, beams.cross_key_value[0][0].shape
+    ((6, 2, 4, 4), (2, 2, 3, 4))
     """
     take = lambda x: jnp.take(x, indices, axis=0)
     layers = tuple(KVCache(take(c.key), take(c.value), c.index) for c in cache.self_attention)
-    cross = tuple((take(k), take(v)) for k, v in cache.cross_key_value)
-    return DecoderCache(layers, cross)
+    kv = tuple((take(k), take(v)) for k, v in cache.cross_key_value) if cross else cache.cross_key_value
+    return DecoderCache(layers, kv)
 
 
 class DecoderBlock(nn.Module):
@@ -243,8 +254,8 @@ class DecoderBlock(nn.Module):
 
     Call: ``block(x, encoded=None, *, mask=None, is_causal=True, kv_cache=None, cross_key_value=None,
     deterministic=True)`` with ``x [B, T, width]``; returns ``(y, kv_cache, cross_key_value)`` where the cache
-    is advanced (``None`` without one) and ``cross_key_value`` are the encoder keys/values used (projected from
-    ``encoded`` when it is given, else the ones passed in).
+    is advanced (``None`` without one) and ``cross_key_value`` are the encoder keys/values used, heads-major
+    ``[B, heads, S, head_dim]`` each (projected from ``encoded`` when it is given, else the ones passed in).
 
     Attributes:
       config: the :class:`DecoderConfig`.
@@ -293,9 +304,16 @@ class DecoderBlock(nn.Module):
         if cfg.cross_attention:
             cross = attention("cross_attn")
             if encoded is not None:
-                y, cross_key_value = cross(ln("ln2")(x), encoded, return_key_value=True, deterministic=deterministic)
+                y, projected = cross(ln("ln2")(x), encoded, return_key_value=True, deterministic=deterministic)
+                cross_key_value = tuple(a.swapaxes(1, 2) for a in projected)  # stored heads-major
             elif cross_key_value is not None:
-                y = cross(ln("ln2")(x), key_value=cross_key_value, deterministic=deterministic)
+                # keys/values of B / K images for B rows: the K rows of an image (its beams) become K * T queries
+                # of that image; the same attention, with each image's keys read once
+                h = ln("ln2")(x)
+                images = cross_key_value[0].shape[0]
+                h = h.reshape(images, -1, h.shape[-1])
+                token_major = tuple(a.swapaxes(1, 2) for a in cross_key_value)  # cancels the kernels' transposes
+                y = cross(h, key_value=token_major, deterministic=deterministic).reshape(x.shape)
             else:
                 raise ValueError(
                     "DecoderBlock: cross-attention needs the encoder tokens (encoded=...) or their cached keys and "
@@ -376,6 +394,12 @@ class TextDecoder(nn.Module):
                 f"TextDecoder: the cache was made for batch {cache.batch_size} but tokens have batch {B} (shape "
                 f"{tuple(tokens.shape)}); make a cache for this batch (init_cache) or reorder it (reorder_cache)."
             )
+        if cache is not None and cfg.cross_attention and B % cache.cross_key_value[0][0].shape[0]:
+            raise ValueError(
+                f"TextDecoder: the cache's cross-attention keys have batch {cache.cross_key_value[0][0].shape[0]}, "
+                f"which does not divide the tokens' batch {B}; they must hold one row per sequence or one per "
+                "image for K sequences each (beams: reorder_cache(..., cross=False))."
+            )
         if cache is not None and cache.max_length > cfg.max_length:
             raise ValueError(
                 f"TextDecoder: the cache holds {cache.max_length} positions but the decoder has only "
@@ -386,9 +410,9 @@ class TextDecoder(nn.Module):
                 raise ValueError(
                     f"TextDecoder: encoded must be [batch={B}, tokens, width], got shape {tuple(encoded.shape)}."
                 )
-            if cache is not None and cfg.cross_attention and cache.cross_key_value[0][0].shape[1] != encoded.shape[1]:
+            if cache is not None and cfg.cross_attention and cache.cross_key_value[0][0].shape[2] != encoded.shape[1]:
                 raise ValueError(
-                    f"TextDecoder: the cache was made for {cache.cross_key_value[0][0].shape[1]} encoder tokens, "
+                    f"TextDecoder: the cache was made for {cache.cross_key_value[0][0].shape[2]} encoder tokens, "
                     f"encoded has {encoded.shape[1]} (shape {tuple(encoded.shape)}); pass encoded_length="
                     f"{encoded.shape[1]} to init_cache."
                 )

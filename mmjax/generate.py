@@ -18,6 +18,10 @@ Algorithm of :func:`generate` (one ``jax.jit`` program per model and static opti
         logits = decode(last token, cache)                     # cross-attention keys/values come from the cache
         select the next token
 
+The cache is heads-major (:class:`mmjax.attention.KVCache`), so a step reads it without a transpose; for beam search
+the ``K`` beams of an image share the image's cross-attention keys/values (one copy per image, not per beam: the
+beams' queries attend them together), and only the self-attention caches are reordered at each step.
+
 Greedy and sampling (transformers' ``_sample``): the next token is ``argmax(logits)``, or a draw from
 ``softmax(warp(logits))`` where ``warp`` applies, in transformers' order, ``logits / temperature``, then top-k
 (tokens below the k-th largest score get ``-inf``; ties are kept), then top-p (sort ascending, drop the tokens whose
@@ -221,6 +225,16 @@ def _check_options(*, max_new_tokens, num_beams, do_sample, temperature, top_k, 
 # Token selection.
 
 
+def _argmax(logits: Array) -> Array:
+    """``jnp.argmax(logits, axis=-1)`` (the first index of the largest value; of the first NaN when there is one) as
+    two plain reductions: XLA:CPU runs ``argmax``'s (value, index) reduction about 5x slower (0.5 ms a step on
+    ``[32, 8000]`` logits, a tenth of a greedy decoding step of ``experiments/bench_generate.py``)."""
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN when any entry is NaN
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def _warp(scores: Array, temperature, top_k, top_p, min_keep: int = 1) -> Array:
     """transformers' sampling processors in their order: temperature, top-k, top-p (``-inf`` for removed ids).
 
@@ -279,7 +293,7 @@ def _sample_program(model, max_new_tokens: int, do_sample: bool):
                 warped = _warp(logits, temperature, top_k, top_p)
                 token = jax.random.categorical(jax.random.fold_in(rng, step), warped, axis=-1)
             else:
-                token = jnp.argmax(logits, axis=-1)
+                token = _argmax(logits)
             token = jnp.where(done, pad, token.astype(jnp.int32))
             gained = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
             scores = scores + jnp.where(done, 0.0, gained)
@@ -324,7 +338,8 @@ def _beam_program(model, max_new_tokens: int, num_beams: int):
         batch, plen = prompt_ids.shape
         total = plen + max_new_tokens
         logits, cache = _prefill(model, params, images, prompt_ids, total)
-        cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), nb))  # as transformers expands the inputs
+        # as transformers expands the inputs, but the K beams of an image share its cross-attention keys/values
+        cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), nb), cross=False)
         logits = jnp.repeat(logits, nb, axis=0)  # [B * K, V]
         vocab = logits.shape[-1]
 
@@ -397,7 +412,7 @@ def _beam_program(model, max_new_tokens: int, num_beams: int):
 
         def body(s):
             rows = (s["parents"] + jnp.arange(batch)[:, None] * nb).reshape(-1)
-            cache = reorder_cache(s["cache"], rows)
+            cache = reorder_cache(s["cache"], rows, cross=False)  # rows stay within their image
             last = jax.lax.dynamic_slice_in_dim(s["running"], plen + s["step"] - 1, 1, axis=2)
             logits, cache = _decode(model, params, last.reshape(batch * nb, 1), None, cache)
             return select({**s, "logits": logits[:, -1].astype(jnp.float32), "cache": cache})

@@ -108,8 +108,9 @@ def test_kv_cache_prefill_then_steps_equal_one_causal_pass(implementation):
         np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-10, rtol=0)
         assert int(cache.index) == 7
         _, (k, _) = mha.apply({"params": params}, x, return_key_value=True)
-        np.testing.assert_allclose(np.asarray(cache.key[:, :7]), np.asarray(k), atol=1e-12)
-        assert not np.asarray(cache.key[:, 7:]).any()
+        # heads-major [B, K, max_length, D]: position p of head n is cache.key[:, n, p]
+        np.testing.assert_allclose(np.asarray(cache.key[:, :, :7]), np.asarray(k).swapaxes(1, 2), atol=1e-12)
+        assert not np.asarray(cache.key[:, :, 7:]).any()
 
 
 def test_precomputed_cross_key_values_equal_projecting_again():

@@ -10,6 +10,7 @@ import pytest
 from mmjax.captioner import Captioner
 from mmjax.decoder import DecoderConfig, TextDecoder, init_cache, reorder_cache
 from mmjax.vit import ViT
+from tests.tolerances import assert_float32_close
 
 CFG = DecoderConfig(vocab_size=23, width=16, depth=2, num_heads=2, mlp_dim=32, max_length=12)
 
@@ -73,7 +74,7 @@ def test_cross_attention_keys_values_are_computed_once_at_prefill():
     _, cache = dec.apply({"params": params}, ids[:, :2], cache, encoded=encoded, method="decode")
     for i in range(CFG.depth):
         attn = params[f"decoderblock_{i}"]["cross_attn"]
-        k = jnp.einsum("bsf,fnh->bsnh", encoded, attn["key"]["kernel"]) + attn["key"]["bias"]
+        k = jnp.einsum("bsf,fnh->bnsh", encoded, attn["key"]["kernel"]) + attn["key"]["bias"][:, None]  # heads-major
         np.testing.assert_allclose(np.asarray(cache.cross_key_value[i][0]), np.asarray(k), atol=1e-5)
     # a step whose cache holds other encoder keys gives other logits: the step reads the cache, not a recompute
     step, _ = dec.apply({"params": params}, ids[:, 2:3], cache, method="decode")
@@ -198,3 +199,39 @@ def test_captioner_rejects_images_of_the_wrong_size_and_dtype():
         model.apply({"params": params}, jnp.zeros((2, 8, 8, 3), jnp.uint8), ids)
     with pytest.raises(ValueError):
         model.apply({"params": params}, jnp.zeros((2, 12, 12, 3)), ids)
+
+
+def test_beams_of_an_image_share_its_cross_keys():
+    """A cache whose cross-attention keys/values hold one row per image serves K rows per image (beams): a step
+    equals the step over a cache with the keys copied to every row (float64 to 1e-12; float32 bounded), and the
+    rows' self-attention caches are reordered as usual."""
+    B, K = 2, 3
+    ids, encoded = _tokens(B=B, T=3, seed=9), np.random.default_rng(10).normal(size=(B, 5, 16))
+    rows = jnp.repeat(jnp.arange(B), K)
+    nxt = _tokens(B=B * K, T=1, seed=11)
+
+    def step(dtype):
+        dec = TextDecoder(CFG.replace(param_dtype=dtype))
+        params = dec.init(jax.random.key(3), ids, jnp.asarray(encoded, dtype))["params"]
+        cache = init_cache(CFG.replace(dtype=dtype), B, 8, 5)
+        _, cache = dec.apply({"params": params}, ids, cache, encoded=jnp.asarray(encoded, dtype), method="decode")
+        shared = reorder_cache(cache, rows, cross=False)
+        copied = reorder_cache(cache, rows)
+        assert shared.cross_key_value[0][0].shape[0] == B and copied.cross_key_value[0][0].shape[0] == B * K
+        got, new = dec.apply({"params": params}, nxt, shared, method="decode")
+        want, _ = dec.apply({"params": params}, nxt, copied, method="decode")
+        assert new.cross_key_value[0][0].shape[0] == B and int(new.index) == 4
+        return np.asarray(got), np.asarray(want)
+
+    with jax.enable_x64(True):
+        got, want = step(jnp.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    got, want = step(jnp.float32)
+    assert_float32_close(got, want, terms=4 * 16 * CFG.depth)
+    dec = TextDecoder(CFG)
+    params = dec.init(jax.random.key(3), ids, jnp.asarray(encoded, jnp.float32))["params"]
+    cache = init_cache(CFG, B, 8, 5)
+    _, cache = dec.apply({"params": params}, ids, cache, encoded=jnp.asarray(encoded, jnp.float32), method="decode")
+    odd = reorder_cache(cache, jnp.array([0, 0, 1]), cross=False)  # 3 rows over 2 images: not K rows per image
+    with pytest.raises(ValueError, match="does not divide the tokens' batch 3"):
+        dec.apply({"params": params}, _tokens(B=3, T=1), odd, method="decode")

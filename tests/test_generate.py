@@ -446,3 +446,16 @@ def test_parallel_decode_is_one_masked_non_causal_forward():
         parallel_decode(MODEL, _model(0)[1], images)
     with pytest.raises(ValueError, match="length=16 must be an int in"):
         parallel_decode(model, params, images, length=16)
+
+
+def test_argmax_is_jnp_argmax_with_ties_and_nan():
+    """The greedy token (two plain reductions) is ``jnp.argmax``'s: the first of tied maxima, the first NaN."""
+    x = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32)
+    x[1, [3, 17, 40]] = 9.0  # tie: the first wins
+    x[2, [5, 30]] = np.nan  # NaN: the first NaN, as argmax
+    x[3, :] = -np.inf
+    x[4, 49] = np.inf
+    x[5, :] = 0.0
+    got = np.asarray(gen._argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got.tolist()[1:] == [3, 5, 0, 49, 0]
