@@ -566,10 +566,15 @@ def select_implementation(
     mask: Array | None = None,
     *,
     dropout_active: bool = False,
+    decoding: bool = False,
 ) -> str:
     """The implementation ``implementation=None`` uses for these arguments on the default backend.
 
     * dropout active: ``"reference"`` (the only path with dropout);
+    * ``decoding`` (a step over a KV cache or cached keys/values, :class:`MultiHeadAttention` sets it) with one
+      query per row, on CPU: ``"reference"``: one row of scores per head, where the chunked kernel's loop over tiles
+      is overhead (the attention of a greedy step of ``experiments/bench_generate.py``: op time per step 5.6-5.8 ms
+      instead of 6.0-6.1 ms);
     * GPU: ``"cudnn"`` for float16/bfloat16 inputs with equal query/value head_dim, a multiple of 8 up to 128;
       else ``"xla"`` while the ``[B, N, T, S]`` float32 scores fit in 1 GiB; else ``"chunked"``;
     * CPU (and anything else): ``"chunked"``. Measured on a 2-core AVX-512 CPU (B=1, 8 heads, head_dim 64), the
@@ -581,8 +586,12 @@ def select_implementation(
     >>> x = jnp.ones((1, 8, 1, 4))
     >>> select_implementation(x, x, x), select_implementation(x, x, x, dropout_active=True)
     ('chunked', 'reference')
+    >>> select_implementation(x[:, :1], x, x, decoding=True)
+    'reference'
     """
     if dropout_active:
+        return "reference"
+    if decoding and query.shape[1] == 1 and _platform() != "gpu":
         return "reference"
     if _platform() == "gpu":
         if _cudnn_supported(query, key, value, bias, mask):
@@ -887,6 +896,11 @@ class MultiHeadAttention(nn.Module):
             w = w.reshape(B, kv_heads, N // kv_heads, T, k.shape[1])
             y = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(w.dtype)).reshape(q.shape).astype(q.dtype)
         else:
+            implementation = self.implementation
+            if implementation is None and (kv_cache is not None or key_value is not None):
+                implementation = select_implementation(
+                    q, k, v, bias, mask, dropout_active=dropout_active, decoding=True
+                )
             y = dot_product_attention(
                 q,
                 k,
@@ -895,7 +909,7 @@ class MultiHeadAttention(nn.Module):
                 mask,
                 is_causal=is_causal,
                 causal_offset=causal_offset,
-                implementation=self.implementation,
+                implementation=implementation,
                 dropout_rate=self.dropout_rate,
                 dropout_rng=rng,
                 deterministic=deterministic,

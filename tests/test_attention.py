@@ -334,10 +334,15 @@ def test_select_implementation(monkeypatch):
     assert attention.select_implementation(small, small, small) == "chunked"
     assert attention.select_implementation(big, big, big) == "chunked"
     assert attention.select_implementation(big, big, big, dropout_active=True) == "reference"
+    one = jnp.ones((1, 1, 2, 8))  # a decoding step: one query per row over cached keys
+    assert attention.select_implementation(one, big, big, decoding=True) == "reference"
+    assert attention.select_implementation(one, big, big) == "chunked"
+    assert attention.select_implementation(small, big, big, decoding=True) == "chunked"  # a prefill
     monkeypatch.setattr(attention, "_platform", lambda: "gpu")  # the GPU rules, without a GPU
     half = small.astype(jnp.bfloat16)
     assert attention.select_implementation(half, half, half) == "cudnn"
     assert attention.select_implementation(small, small, small) == "xla"
+    assert attention.select_implementation(one, big, big, decoding=True) == "xla"  # GPU: its own rules
     huge = jax.ShapeDtypeStruct((8, 32768, 8, 8), jnp.float32)
     assert attention.select_implementation(huge, huge, huge) == "chunked"
 
