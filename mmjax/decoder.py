@@ -148,9 +148,9 @@ class DecoderCache(NamedTuple):
       self_attention: one :class:`mmjax.attention.KVCache` per block, ``[B, heads, max_length, head_dim]`` each.
       cross_key_value: per block, the projected ``(keys, values)`` of the encoder tokens, ``[B, heads, S,
         head_dim]`` each, heads-major as the KV cache (zeros until the prefill call passes ``encoded``); ``()``
-        without cross-attention. Their
-        batch may also be ``B / K``: then the ``K`` sequences ``b * K .. b * K + K - 1`` (the beams of image ``b``)
-        share the keys/values of row ``b`` (``reorder_cache(..., cross=False)`` makes such a cache).
+        without cross-attention. Their batch may also be ``B / K``: then the ``K`` sequences ``b * K .. b * K + K -
+        1`` (the beams of image ``b``) share the keys/values of row ``b`` (``reorder_cache(..., cross=False)`` makes
+        such a cache).
 
     ``index`` (a property) is the number of positions filled: where the next tokens go.
 

@@ -210,11 +210,16 @@ def test_beams_of_an_image_share_its_cross_keys():
     rows = jnp.repeat(jnp.arange(B), K)
     nxt = _tokens(B=B * K, T=1, seed=11)
 
-    def step(dtype):
+    def prefilled(dtype):
+        """The decoder, its params and its cache after the prompt, in ``dtype``."""
         dec = TextDecoder(CFG.replace(param_dtype=dtype))
         params = dec.init(jax.random.key(3), ids, jnp.asarray(encoded, dtype))["params"]
         cache = init_cache(CFG.replace(dtype=dtype), B, 8, 5)
         _, cache = dec.apply({"params": params}, ids, cache, encoded=jnp.asarray(encoded, dtype), method="decode")
+        return dec, params, cache
+
+    def step(dtype):
+        dec, params, cache = prefilled(dtype)
         shared = reorder_cache(cache, rows, cross=False)
         copied = reorder_cache(cache, rows)
         assert shared.cross_key_value[0][0].shape[0] == B and copied.cross_key_value[0][0].shape[0] == B * K
@@ -228,10 +233,7 @@ def test_beams_of_an_image_share_its_cross_keys():
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
     got, want = step(jnp.float32)
     assert_float32_close(got, want, terms=4 * 16 * CFG.depth)
-    dec = TextDecoder(CFG)
-    params = dec.init(jax.random.key(3), ids, jnp.asarray(encoded, jnp.float32))["params"]
-    cache = init_cache(CFG, B, 8, 5)
-    _, cache = dec.apply({"params": params}, ids, cache, encoded=jnp.asarray(encoded, jnp.float32), method="decode")
+    dec, params, cache = prefilled(jnp.float32)
     odd = reorder_cache(cache, jnp.array([0, 0, 1]), cross=False)  # 3 rows over 2 images: not K rows per image
     with pytest.raises(ValueError, match="does not divide the tokens' batch 3"):
         dec.apply({"params": params}, _tokens(B=3, T=1), odd, method="decode")
