@@ -9,9 +9,9 @@ import torch_geometric.nn as pyg_nn
 
 from mmjax import gnn
 from mmjax.graph import Graph
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
-TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _random_graph(seed, n=14, e=48, f_in=6):
@@ -88,10 +88,10 @@ def _check_gcn(improved, add_loops, normalize, use_w, cached, graph_and_weights,
     else:
         fn = lambda p, x: layer.apply({"params": p}, g._replace(nodes=x), edge_weight=ew)
     out, dx, dp = _jax_run(jax.jit(fn), params, g.nodes, cot)
-    np.testing.assert_allclose(out, out_ref, **TOL)
-    np.testing.assert_allclose(dx, dx_ref, **TOL)
-    np.testing.assert_allclose(np.asarray(dp["kernel"]), ref.lin.weight.grad.numpy().T, **TOL)
-    np.testing.assert_allclose(np.asarray(dp["bias"]), ref.bias.grad.numpy(), **TOL)
+    assert_matches_reference(out, out_ref)
+    assert_matches_reference(dx, dx_ref)
+    assert_matches_reference(np.asarray(dp["kernel"]), ref.lin.weight.grad.numpy().T)
+    assert_matches_reference(np.asarray(dp["bias"]), ref.bias.grad.numpy())
 
 
 def test_gcn_improved_without_weights_equals_pyg_with_unit_weights():
@@ -104,7 +104,7 @@ def test_gcn_improved_without_weights_equals_pyg_with_unit_weights():
     layer = gnn.GCNConv(features=3, improved=True)
     params = {"kernel": jnp.asarray(ref.lin.weight.detach().numpy().T), "bias": jnp.asarray(ref.bias.detach().numpy())}
     out = layer.apply({"params": params}, g)
-    np.testing.assert_allclose(np.asarray(out), out_ref, **TOL)
+    assert_matches_reference(np.asarray(out), out_ref)
     # and PyG without weights really differs (so this test would notice if PyG changed).
     out_pyg_none = ref(torch.tensor(g.nodes), ei).detach().numpy()
     assert np.abs(out_pyg_none - out_ref).max() > 1e-3
@@ -134,9 +134,9 @@ def test_gat_matches_pyg(heads, concat, add_loops):
     }
     fn = jax.jit(lambda p, x: layer.apply({"params": p}, g._replace(nodes=x)))
     out, dx, dp = _jax_run(fn, params, g.nodes, cot)
-    np.testing.assert_allclose(out, out_ref, **TOL)
-    np.testing.assert_allclose(dx, dx_ref, **TOL)
-    np.testing.assert_allclose(np.asarray(dp["kernel"]), ref.lin.weight.grad.numpy().T, **TOL)
-    np.testing.assert_allclose(np.asarray(dp["att_src"]), ref.att_src.grad.numpy()[0], **TOL)
-    np.testing.assert_allclose(np.asarray(dp["att_dst"]), ref.att_dst.grad.numpy()[0], **TOL)
-    np.testing.assert_allclose(np.asarray(dp["bias"]), ref.bias.grad.numpy(), **TOL)
+    assert_matches_reference(out, out_ref)
+    assert_matches_reference(dx, dx_ref)
+    assert_matches_reference(np.asarray(dp["kernel"]), ref.lin.weight.grad.numpy().T)
+    assert_matches_reference(np.asarray(dp["att_src"]), ref.att_src.grad.numpy()[0])
+    assert_matches_reference(np.asarray(dp["att_dst"]), ref.att_dst.grad.numpy()[0])
+    assert_matches_reference(np.asarray(dp["bias"]), ref.bias.grad.numpy())

@@ -14,9 +14,9 @@ import torch_geometric.nn as pyg_nn
 
 from mmjax import gnn
 from tests.parity.test_gnn_relational_pyg import _edge_attr, _multigraph
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
-TOL = dict(rtol=1e-5, atol=1e-5)
 LINEARS = ("lin_query", "lin_key", "lin_value", "lin_skip", "lin_edge")
 
 
@@ -63,16 +63,16 @@ def test_transformer_conv_matches_pyg(heads, concat, root_weight, edge_dim):
 
     (out, alpha), vjp = jax.vjp(fn, params, jnp.asarray(g.nodes), None if ea is None else jnp.asarray(ea))
     dp, dx, de = vjp((jnp.asarray(cot), jnp.zeros_like(alpha)))
-    np.testing.assert_allclose(np.asarray(out), out_ref.detach().numpy(), **TOL)
-    np.testing.assert_allclose(np.asarray(alpha), alpha_ref.detach().numpy(), **TOL)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), **TOL)
+    assert_matches_reference(np.asarray(out), out_ref.detach().numpy())
+    assert_matches_reference(np.asarray(alpha), alpha_ref.detach().numpy())
+    assert_matches_reference(np.asarray(dx), xt.grad.numpy())
     if edge_dim:
-        np.testing.assert_allclose(np.asarray(de), eat.grad.numpy(), **TOL)
+        assert_matches_reference(np.asarray(de), eat.grad.numpy())
     for name in names:
         lin = getattr(ref, name)
-        np.testing.assert_allclose(np.asarray(dp[name]["kernel"]), lin.weight.grad.numpy().T, **TOL, err_msg=name)
+        assert_matches_reference(np.asarray(dp[name]["kernel"]), lin.weight.grad.numpy().T, err_msg=name)
         if lin.bias is not None:
-            np.testing.assert_allclose(np.asarray(dp[name]["bias"]), lin.bias.grad.numpy(), **TOL, err_msg=name)
+            assert_matches_reference(np.asarray(dp[name]["bias"]), lin.bias.grad.numpy(), err_msg=name)
 
 
 def test_isolated_node_gets_only_the_skip_term():
@@ -82,4 +82,4 @@ def test_isolated_node_gets_only_the_skip_term():
     out = layer.apply({"params": params}, g)
     x = g.nodes[-1]  # isolated
     want = x @ np.asarray(params["lin_skip"]["kernel"]) + np.asarray(params["lin_skip"]["bias"])
-    np.testing.assert_allclose(np.asarray(out[-1]), want, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(np.asarray(out[-1]), want)
