@@ -24,6 +24,7 @@ from mmjax.convert import from_hf, to_numpy_state_dict
 from mmjax.convert import hf_vision_encoder_decoder as ved
 from mmjax.errors import UserError
 from mmjax.generate import generate
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
 
@@ -79,9 +80,8 @@ def nhwc(px):
 
 @functools.cache
 def converted_model(name):
-    # Weights at the scale of a trained model (logits of order 1): the logit comparisons below are absolute, so
-    # the large random weights of the generation tests (logits of order 10) would leave float32 round-off
-    # (~1e-6 relative) too little room under 1e-5.
+    # Weights at the scale of a trained model (logits of order 1), where the comparisons below
+    # (1e-5 of the output's magnitude) are as tight as an absolute 1e-5.
     hf = make_hf(name, seed=0, noise=0.05)
     model, params = from_hf(hf)
     return hf, model, params
@@ -105,11 +105,9 @@ def test_logits_equal_transformers(converted):
         ref = hf(pixel_values=px, decoder_input_ids=ids)
         enc_ref = hf.encoder(pixel_values=px).last_hidden_state.numpy()
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)[0])
-    np.testing.assert_allclose(
-        np.asarray(forward(params, nhwc(px), ids.numpy())), ref.logits.numpy(), atol=1e-5, rtol=0
-    )
+    assert_matches_reference(np.asarray(forward(params, nhwc(px), ids.numpy())), ref.logits.numpy())
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x: m.vision(x))[1]["encoded"])
-    np.testing.assert_allclose(np.asarray(encode(params, nhwc(px))), enc_ref, atol=1e-5, rtol=0)
+    assert_matches_reference(np.asarray(encode(params, nhwc(px))), enc_ref)
 
     # Through the KV cache: prefill 4 tokens, then one token per call.
     encoded = model.apply({"params": params}, nhwc(px), method="encode")
@@ -120,7 +118,7 @@ def test_logits_equal_transformers(converted):
     for t in range(4, ids.shape[1]):
         step, cache = decode(params, ids[:, t : t + 1].numpy(), None, cache)
         steps.append(step)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), ref.logits.numpy(), atol=1e-5, rtol=0)
+    assert_matches_reference(np.concatenate(steps, axis=1), ref.logits.numpy())
     assert int(cache.index) == ids.shape[1]
 
 
@@ -207,7 +205,7 @@ def _check_generate(hf, model, params, px, *, max_new_tokens, beams):
     out = generate(model, params, images, max_new_tokens=max_new_tokens)
     assert _greedy_margin(ref) > 1e-3, "greedy: a near tie makes the comparison fragile"
     np.testing.assert_array_equal(out.sequences, ref.sequences.numpy(), err_msg="greedy sequences")
-    np.testing.assert_allclose(out.scores, _greedy_log_prob(ref), atol=1e-5, rtol=0)
+    assert_matches_reference(out.scores, _greedy_log_prob(ref))
     ended = {"greedy": _ended_early(out.sequences, max_new_tokens)}
 
     results = {}
@@ -238,7 +236,7 @@ def _check_generate(hf, model, params, px, *, max_new_tokens, beams):
         assert length <= best.shape[1] and (best[:, length:] == PAD).all(), (case, out.sequences, best)
         assert not (out.sequences[:, -1] == PAD).all(), f"{case}: mmjax kept an all-padding column"
         np.testing.assert_array_equal(out.sequences, best[:, :length], err_msg=case)
-        np.testing.assert_allclose(out.scores, hyp_scores[:, 0], atol=1e-5, rtol=0, err_msg=case)
+        assert_matches_reference(out.scores, hyp_scores[:, 0], err_msg=case)
         results[(num_beams, length_penalty, early_stopping)] = (out.sequences, out.scores)
         ended[case] = _ended_early(out.sequences, max_new_tokens)
     return ended, results

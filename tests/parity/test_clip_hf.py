@@ -1,6 +1,6 @@
 """mmjax CLIP against transformers.CLIPModel (random weights, several small configs, no download).
 
-Tolerances: float32 forward agrees to 1e-5 (rtol and atol); bfloat16 compute (float32 params) is compared with the
+Tolerances: float32 forward agrees to 1e-5 of the output's magnitude (``tests.tolerances.assert_matches_reference``); bfloat16 compute (float32 params) is compared with the
 float32 reference within BF16_ATOL on the unit-norm embeddings and BF16_LOGIT_ATOL on the logits.
 """
 
@@ -26,10 +26,10 @@ from mmjax.convert.hf_clip import (
     to_hf_state_dict,
 )
 from mmjax.preprocess import preprocess
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
 
-F32_TOL = 1e-5
 BF16_ATOL = 2e-2  # on unit-norm embeddings (measured max 7e-3)
 BF16_LOGIT_ATOL = 0.2  # on logits of magnitude <= exp(2.6592) = 14.3 (measured max 0.075)
 
@@ -197,7 +197,7 @@ def test_float32_matches_transformers(case, with_mask):
     want = hf_forward(hf, images, ids, mask)
     got = our_forward(model, params, images, ids, mask)
     for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=F32_TOL, atol=F32_TOL, err_msg=key)
+        assert_matches_reference(got[key], want[key], err_msg=key)
     # the inputs exercise the pooling: different rows give different text embeddings
     assert np.abs(want["text_embeds"][0] - want["text_embeds"][1]).max() > 1e-3
 
@@ -232,7 +232,7 @@ def test_scan_layout_converts_and_matches():
     images, ids, _ = make_inputs(hf)
     a = our_forward(model, params, images, ids)
     b = our_forward(scanned, sparams, images, ids)
-    np.testing.assert_allclose(b["logits_per_image"], a["logits_per_image"], rtol=1e-5, atol=1e-5)
+    assert_matches_reference(b["logits_per_image"], a["logits_per_image"])
     back = to_hf_state_dict(sparams, scanned.config)
     for k, v in hf.state_dict().items():
         np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
@@ -320,7 +320,7 @@ def test_preprocess_matches_clip_image_processor():
     reference = transformers.CLIPImageProcessorPil()
     for image in images:
         want = reference(images=[image], return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
-        np.testing.assert_allclose(preprocess(image), want, rtol=1e-5, atol=1e-5)
+        assert_matches_reference(preprocess(image), want)
     small = transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     want = small(images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(preprocess(images, size=40, crop_size=32), want, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(preprocess(images, size=40, crop_size=32), want)

@@ -10,6 +10,7 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection
 
 from mmjax.convert import from_hf
 from mmjax.detection import OWLViT
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
 
@@ -55,12 +56,12 @@ def test_converted_owlvit_matches_transformers(hf_model, batch, queries):
     assert isinstance(model, OWLViT) and model.box_anchor == "corner"
     images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
     out = model.apply({"params": params}, images, jnp.asarray(ids.reshape(batch, queries, 7)))
-    np.testing.assert_allclose(out.boxes, ref.pred_boxes.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.logits, ref.logits.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.class_embeds, ref.class_embeds.numpy(), rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out.boxes, ref.pred_boxes.numpy())
+    assert_matches_reference(out.logits, ref.logits.numpy())
+    assert_matches_reference(out.class_embeds, ref.class_embeds.numpy())
     if batch == 1:  # the same queries for every image: [Q, T] ids
         shared = model.apply({"params": params}, images, jnp.asarray(ids))
-        np.testing.assert_allclose(shared.logits, ref.logits.numpy(), rtol=1e-5, atol=1e-5)
+        assert_matches_reference(shared.logits, ref.logits.numpy())
 
 
 def test_a_padded_query_is_masked_as_transformers_masks_it(hf_model):
@@ -74,5 +75,5 @@ def test_a_padded_query_is_masked_as_transformers_masks_it(hf_model):
     out = model.apply(
         {"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(ids), query_mask=ids[:, 0] > 0
     )
-    np.testing.assert_allclose(out.logits[..., :2], ref.logits.numpy()[..., :2], rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out.logits[..., :2], ref.logits.numpy()[..., :2])
     assert (np.asarray(out.logits[..., 2]) == ref.logits.numpy()[..., 2]).all()  # finfo(float32).min in both

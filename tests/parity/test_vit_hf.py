@@ -12,6 +12,7 @@ import transformers
 
 from mmjax.convert import from_hf, hf_vit, load_state_dict, to_numpy_state_dict
 from mmjax.layers import unstack_layers
+from tests.tolerances import assert_matches_reference
 
 pytestmark = pytest.mark.parity
 
@@ -88,8 +89,8 @@ def test_vit_model_last_hidden_state_and_pooler(cfg):
     model, params = from_hf(ref)
     assert model.num_classes == 0 and model.representation_size == cfg.get("pooler_output_size", cfg["hidden_size"])
     pooled, aux = _run(model, params, x)
-    np.testing.assert_allclose(aux["encoded"], out.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
+    assert_matches_reference(aux["encoded"], out.last_hidden_state.numpy())
+    assert_matches_reference(pooled, out.pooler_output.numpy())
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:2], ids=["gelu-qkvbias", "gelu_new-noqkvbias-1ch"])
@@ -101,10 +102,10 @@ def test_vit_for_image_classification_logits(cfg):
     model, params = from_hf(ref)
     assert model.num_classes == 5 and model.representation_size is None
     got, aux = _run(model, params, x)
-    np.testing.assert_allclose(got, logits, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(got, logits)
     with torch.no_grad():
         hidden = ref.vit(torch.from_numpy(x)).last_hidden_state.numpy()
-    np.testing.assert_allclose(aux["encoded"], hidden, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(aux["encoded"], hidden)
 
 
 def test_from_saved_directory_and_state_dict_forms(tmp_path):
@@ -116,14 +117,14 @@ def test_from_saved_directory_and_state_dict_forms(tmp_path):
     with torch.no_grad():
         logits = ref(torch.from_numpy(x)).logits.numpy()
     model, params = from_hf(str(tmp_path))
-    np.testing.assert_allclose(_run(model, params, x)[0], logits, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(_run(model, params, x)[0], logits)
     # the files use the Hub names (encoder.layer.N.attention.attention.query ...), memory the new ones
     assert any(".attention.attention.query." in k for k in load_state_dict(tmp_path))
     model2, params2 = from_hf(ref.state_dict(), config=ref.config)
-    np.testing.assert_allclose(_run(model2, params2, x)[0], logits, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(_run(model2, params2, x)[0], logits)
     model3, params3 = from_hf((load_state_dict(tmp_path), ref.config.to_dict()), scan=True)
     assert model3.scan
-    np.testing.assert_allclose(_run(model3, params3, x)[0], logits, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(_run(model3, params3, x)[0], logits)
     unstacked = dict(params3, encoder=unstack_layers(params3["encoder"]))
     np.testing.assert_array_equal(
         unstacked["encoder"]["encoderblock_1"]["mlp"]["fc1"]["kernel"],
@@ -179,7 +180,7 @@ def test_pytorch_bin_directory_and_bfloat16_tensors(tmp_path):
     with torch.no_grad():
         logits = ref(torch.from_numpy(x)).logits.numpy()
     model, params = from_hf(tmp_path)
-    np.testing.assert_allclose(_run(model, params, x)[0], logits, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(_run(model, params, x)[0], logits)
     bf16 = torch.randn(3, 5).to(torch.bfloat16)
     got = to_numpy_state_dict({"w": bf16})["w"]
     assert str(got.dtype) == "bfloat16"
