@@ -2,15 +2,6 @@
 
 Eight virtual CPU devices, set before jax is imported anywhere, so multi-device code is tested on any machine.
 
-XLA:CPU's backend (LLVM) optimisation level 0 (``--xla_backend_optimization_level=0``) unless ``XLA_FLAGS`` sets a
-level: the tests compile thousands of small programs that each run for milliseconds, and LLVM's optimisation passes
-are most of their compile time. The level changes how fast the machine code runs, not what it computes beyond
-float32 round-off (LLVM reorders no floating-point sums without fast-math flags; XLA's own HLO passes, fusion
-included, run as before), and the tests bound round-off by construction. Measured (2-core Intel Xeon, no compilation
-cache, ``pytest -n 2 tests/test_decoder.py tests/test_generate.py tests/test_vit.py tests/test_detection.py``): 221 s
-at the default level, 143 s at 0. A test that trains for minutes runs slower at 0 (notebook 08: 199 s against
-173 s), one that compiles more than it runs faster (notebook 09: 86 s against 116 s).
-
 One persistent XLA compilation cache per test session, shared by the xdist workers and by the processes the tests
 start (notebook kernels, CLI runs, multi-host workers inherit the environment): many tests compile the same programs
 (the same tiny configs in several tests, float32 and float64 twins), and a cache hit skips XLA's compilation. The
@@ -25,10 +16,7 @@ import os
 import shutil
 import tempfile
 
-_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if "--xla_backend_optimization_level" not in _FLAGS:
-    _FLAGS += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = _FLAGS.strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MPLBACKEND", "Agg")
