@@ -68,13 +68,13 @@ def _check_rgcn(graph_and_types, f_out, aggr, num_bases, root_weight):
     ref = pyg_nn.RGCNConv(f_in, f_out, R, num_bases=num_bases, aggr=aggr, root_weight=root_weight)
     with torch.no_grad():
         ref.bias.normal_()
-    _compare_rgcn(g, t, copy.deepcopy(ref).double(), f_out, np.float64)
-    _compare_rgcn(g, t, ref, f_out, np.float32)
+    _compare_rgcn(g, t, copy.deepcopy(ref).double(), np.float64)
+    _compare_rgcn(g, t, ref, np.float32)
 
 
-def _compare_rgcn(g, t, ref, f_out, dtype):
+def _compare_rgcn(g, t, ref, dtype):
     """Outputs and gradients of ``ref`` (a PyG RGCNConv in ``dtype``) and of mmjax's layer with its weights."""
-    n, R = g.nodes.shape[0], ref.num_relations
+    n, f_out, R = g.nodes.shape[0], ref.out_channels, ref.num_relations
     g = g._replace(nodes=g.nodes.astype(dtype))
     ei = torch.tensor(np.stack([g.senders, g.receivers]), dtype=torch.long)
     cot = np.random.default_rng(1).standard_normal((n, f_out)).astype(dtype)
