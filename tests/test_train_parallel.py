@@ -144,3 +144,28 @@ def test_num_devices_over_several_processes_takes_the_same_share_of_every_proces
     assert select_devices([hosts[0]], 3) == hosts[0][:3]  # one process: the first n, as before
     plan = make_plan("pmap", num_devices=4)
     assert plan.local_devices == plan.devices == jax.local_devices()[:4]
+
+
+@pytest.mark.parametrize("mode", ["single", "pmap", "sharded"])
+def test_the_train_step_is_traced_once_over_several_steps(mode):
+    """The placed state has the layout the compiled step returns, so the second step does not trace and compile the
+    step again (pmap's outputs are laid out over a mesh axis named after its axis_name; a state placed over another
+    axis name made pmap compile the whole step twice)."""
+    plan = make_plan(mode)
+    step = plan.compile_train_step(
+        lambda s, b: (jax.tree.map(lambda v: v + b.sum(), s), {"sum": b.sum()}), {"w": jax.ShapeDtypeStruct((3,), "f4")}
+    )
+    traces = []
+    listener = lambda name, _secs, **_: traces.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state = plan.from_canonical({"w": np.zeros(3, np.float32)})
+        counts = []
+        for _ in range(3):
+            state, _ = step(state, plan.place_batch(np.ones((8, 2), np.float32)))
+            counts.append(len(traces))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[0] >= 1 and counts[1:] == [counts[0]] * 2, f"{mode}: traces after each step {counts}"
+    per_step = 2.0 if mode == "pmap" else 16.0  # pmap: each device's batch sum (one row); else the global batch's
+    np.testing.assert_array_equal(np.asarray(plan.to_canonical(state)["w"]), np.full(3, 3 * per_step))

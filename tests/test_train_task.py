@@ -127,3 +127,34 @@ def test_global_batch_and_stacked_tasks_agree_across_modes(task_cls):
         for mode in ("pmap", "sharded"):
             got = run(in_float64(task_cls()), mode)
             assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
+
+
+def test_compiled_init_gives_the_eager_params_bit_for_bit_and_compiles_once():
+    """init_model_params (every built-in task's init_params) equals the eager model.init bit for bit: XLA's
+    algebraic simplifier, which would fold an initialiser's two constant multiplications into one, is off for it.
+    A CLIP has normal, truncated-normal, lecun and constant initialisers. The second call reuses the executable."""
+    from mmjax.clip import CLIP, CLIPConfig
+    from mmjax.train.task import init_model_params
+
+    config = CLIPConfig(
+        embed_dim=8, image_size=16, patch_size=4, vision_width=16, vision_depth=1, vision_heads=2, vision_mlp_dim=32,
+        vocab_size=20, context_length=5, text_width=16, text_depth=1, text_heads=2, text_mlp_dim=32, eot_id=19,
+    )  # fmt: skip
+    model, images, ids = CLIP(config), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 5), jnp.int32)
+    rngs = {"params": jax.random.key(3), "dropout": jax.random.key(3)}
+    eager = model.init(rngs, images, ids)["params"]
+    traces = []
+    listener = lambda name, _secs, **_: traces.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        compiled = init_model_params(CLIP(config), rngs, images, ids)
+        first = len(traces)
+        again = init_model_params(CLIP(config), rngs, images, ids)  # an equal model: the cached executable
+        assert len(traces) == first >= 1, traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    for (path, want), got, got2 in zip(
+        jax.tree_util.tree_flatten_with_path(eager)[0], jax.tree.leaves(compiled), jax.tree.leaves(again)
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(np.asarray(got2), np.asarray(want))

@@ -59,6 +59,7 @@ from mmjax.train.contrastive import (
     _section,
     write_report,
 )
+from mmjax.train.task import init_model_params
 from mmjax.vit import ViT
 
 __all__ = ["CaptioningTask", "captioner_from_config", "token_cross_entropy", "DECODE_MODES"]
@@ -278,7 +279,7 @@ class CaptioningTask(ImageTextData):
     def init_params(self, rng, batch):
         """Initial Captioner params (shapes from one host batch)."""
         images, ids = self._images(jnp.asarray(batch["image"][:1])), jnp.asarray(batch["ids"][:1, :-1])
-        return self.model.init({"params": rng, "dropout": rng}, images, ids)["params"]
+        return init_model_params(self.model, {"params": rng, "dropout": rng}, images, ids)
 
     def _inputs_targets(self, ids):
         ids = jnp.asarray(ids)

@@ -28,6 +28,7 @@ from mmjax.train.config import is_number
 from mmjax.train.task import (
     check_label_smoothing,
     constructor_keys,
+    init_model_params,
     instantiate_model,
     resolve_named,
     with_defaults,
@@ -214,8 +215,7 @@ class ClassificationTask:
     def init_params(self, rng, batch):
         """Initial params from one batch's image shape."""
         images = self._images(batch)[:1]
-        variables = self.model.init({"params": rng, "dropout": rng}, images, train=False)
-        return variables["params"]
+        return init_model_params(self.model, {"params": rng, "dropout": rng}, images, train=False)
 
     def loss(self, params, batch, rng, *, train: bool = True, axis_name=None):
         """Mean label-smoothed cross-entropy and accuracy over this (device-local or global) batch."""

@@ -82,6 +82,7 @@ from mmjax.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
 from mmjax.tokenizer import CLIPTokenizer, WordTokenizer
 from mmjax.train import storage
 from mmjax.train.parallel import split_micro_batches
+from mmjax.train.task import init_model_params
 
 __all__ = [
     "ContrastiveTask",
@@ -660,7 +661,7 @@ class ContrastiveTask(ImageTextData):
     def init_params(self, rng, batch):
         """Initial CLIP params (shapes from one host batch)."""
         images, ids = self._images(jnp.asarray(batch["image"][:1])), jnp.asarray(batch["ids"][:1])
-        return self.model.init({"params": rng, "dropout": rng}, images, ids)["params"]
+        return init_model_params(self.model, {"params": rng, "dropout": rng}, images, ids)
 
     def wrap_optimizer(self, tx, params):
         """Engine hook: with ``freeze_image_tower``, zero updates for the image tower (:func:`freeze`)."""

@@ -66,6 +66,7 @@ from mmjax.train.contrastive import (
     run_word_tokenizer,
     write_report,
 )
+from mmjax.train.task import init_model_params
 
 __all__ = ["DetectionTask", "VOCABULARY", "phrase_attributes"]
 
@@ -276,7 +277,7 @@ class DetectionTask:
     def init_params(self, rng, batch):
         """Initial OWL-ViT params; with ``config.init_from`` the ``clip`` subtree is the CLIP run's."""
         images = self._images(jnp.asarray(batch["image"][:1]))
-        params = self.model.init({"params": rng, "dropout": rng}, images, jnp.asarray(self.vocab_ids[:2]))["params"]
+        params = init_model_params(self.model, {"params": rng, "dropout": rng}, images, jnp.asarray(self.vocab_ids[:2]))
         if self.clip_params is not None:
             want = jax.tree.map(lambda x: (x.shape, x.dtype), params["clip"])
             got = jax.tree.map(lambda x: (x.shape, x.dtype), self.clip_params)

@@ -49,6 +49,7 @@ from mmjax.dit import DiT
 from mmjax.errors import ConfigError, UserError
 from mmjax.text import TextTransformer
 from mmjax.train.contrastive import _section, run_word_tokenizer
+from mmjax.train.task import init_model_params
 
 CONDITIONING = ("pooled", "tokens", "both")
 
@@ -359,7 +360,7 @@ class DiffusionTask:
     def init_params(self, rng, batch):
         """Initial params ``{"text", "dit"}`` (shapes from one host batch)."""
         x = self.to_model_space(batch["image"][:1])
-        params = self.model.init(rng, x, jnp.zeros(1, jnp.int32), jnp.asarray(batch["ids"][:1]))["params"]
+        params = init_model_params(self.model, rng, x, jnp.zeros(1, jnp.int32), jnp.asarray(batch["ids"][:1]))
         if self.frozen_text is not None:  # config.model.text_encoder_from: the CLIP run's trained text tower
             params = {**params, "text": jax.tree.map(jnp.asarray, self.frozen_text)}
         return params

@@ -64,7 +64,7 @@ from mmjax.train.contrastive import (
     run_word_tokenizer,
     write_report,
 )
-from mmjax.train.task import constructor_keys
+from mmjax.train.task import constructor_keys, init_model_params
 
 __all__ = ["GraphMatchingTask", "MODELS", "grammar_captions", "tokenize_strict"]
 
@@ -277,7 +277,7 @@ class GraphMatchingTask:
     def init_params(self, rng, batch):
         """Initial parameters (shapes from one host batch)."""
         images, ids = self._images(jnp.asarray(batch["image"][:1])), jnp.asarray(batch["ids"][:1, 0])
-        return self.model.init({"params": rng, "dropout": rng}, images, ids)["params"]
+        return init_model_params(self.model, {"params": rng, "dropout": rng}, images, ids)
 
     def _images(self, images):
         return normalize_images(images, self.data_cfg.colour_space, self.mean, self.std)

@@ -46,6 +46,7 @@ from mmjax.losses import softmax_cross_entropy, softmax_cross_entropy_sum
 from mmjax.train.task import (
     check_label_smoothing,
     constructor_keys,
+    init_model_params,
     instantiate_model,
     resolve_named,
     with_defaults,
@@ -260,7 +261,7 @@ class NodeClassificationTask:
         kwargs = {"adjacency": batch["adjacency"]} if "adjacency" in batch else {}
         if _takes(self.model.__call__, "train"):
             kwargs["train"] = False
-        return self.model.init({"params": rng, "dropout": rng}, batch["graph"], **kwargs)["params"]
+        return init_model_params(self.model, {"params": rng, "dropout": rng}, batch["graph"], **kwargs)
 
     def loss(self, params, batch, rng, *, train: bool = True, axis_name=None):
         """Label-smoothed cross-entropy averaged over the training nodes; accuracy on them."""

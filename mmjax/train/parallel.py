@@ -96,7 +96,7 @@ class Plan:
         auto = (jax.sharding.AxisType.Auto,)
         self.mesh = Mesh(np.array(self.devices), (MESH_AXIS,), axis_types=auto)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-        self._local_mesh = Mesh(np.array(self.local_devices), (MESH_AXIS,), axis_types=auto)
+        self._local_mesh = Mesh(np.array(self.local_devices), (PMAP_AXIS,), axis_types=auto)
 
     @property
     def num_devices(self) -> int:
@@ -192,7 +192,7 @@ class Plan:
     def _put_pmap(self, stacked):
         # pmap (built on shard_map in current JAX) takes host-local arrays split over this process's devices along
         # axis 0, in the order of the global device list (then it wraps them into global arrays without a copy)
-        return jax.device_put(stacked, NamedSharding(self._local_mesh, P(MESH_AXIS)))
+        return jax.device_put(stacked, NamedSharding(self._local_mesh, P(PMAP_AXIS)))
 
     # ---------------------------------------------------------------------------------------------- compile
     def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
