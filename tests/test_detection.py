@@ -37,7 +37,7 @@ def model_and_params():
         rng = np.random.default_rng(0)
         images = rng.normal(size=(2, 16, 16, 3))
         ids = np.array([[1, 4, 5, 19, 0], [1, 7, 19, 0, 0], [1, 3, 3, 9, 19]], np.int32)
-        params = model.init(jax.random.key(0), images, ids)["params"]
+        params = jax.jit(model.init)(jax.random.key(0), images, ids)["params"]  # compiled (op by op: half a minute)
         # random heads (the init has zero biases and a prior shift): every term of the formula matters
         params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
     return model, params, images, ids
@@ -47,15 +47,14 @@ def test_a_trained_clip_drops_in_and_the_heads_follow_owl_vit(model_and_params):
     model, params, images, ids = model_and_params
     with float64():
         clip = CLIP(CFG, param_dtype=jnp.float64)
-        assert jax.tree.structure(clip.init(jax.random.key(1), images, ids)["params"]) == jax.tree.structure(
-            params["clip"]
+        assert jax.tree.structure(jax.eval_shape(clip.init, jax.random.key(1), images, ids)["params"]) == (
+            jax.tree.structure(params["clip"])
         )
-        ref = clip.apply({"params": params["clip"]}, images, ids)
+        ref = jax.jit(clip.apply)({"params": params["clip"]}, images, ids)
         # CLIP's encode_text (text_projection of the pooled token) without its float32 cast
-        text = np.asarray(
-            clip.apply({"params": params["clip"]}, ids, method=lambda m, i: m.text_projection(m.text(i, None)[0]))
-        )
-        out = model.apply({"params": params}, images, ids)
+        encode_text = lambda v, i: clip.apply(v, i, method=lambda m, i: m.text_projection(m.text(i, None)[0]))  # noqa: E731
+        text = np.asarray(jax.jit(encode_text)({"params": params["clip"]}, ids))
+        out = jax.jit(model.apply)({"params": params}, images, ids)
     p = jax.tree.map(np.asarray, params)
     eps = CFG.vision_layer_norm_eps
     x = _ln(np.asarray(ref.image_intermediates["encoded"]), **p["clip"]["vision"]["post_norm"], eps=eps)
