@@ -2,6 +2,8 @@
 position (float64 to 1e-10, float32 to 1e-5, every attention implementation), the cross-attention keys/values are
 computed once, CapPa's parallel rows, the parameter layout, and the errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,9 +215,10 @@ def test_beams_of_an_image_share_its_cross_keys():
     def prefilled(dtype):
         """The decoder, its params and its cache after the prompt, in ``dtype``."""
         dec = TextDecoder(CFG.replace(param_dtype=dtype))
-        params = dec.init(jax.random.key(3), ids, jnp.asarray(encoded, dtype))["params"]
+        params = jax.jit(dec.init)(jax.random.key(3), ids, jnp.asarray(encoded, dtype))["params"]
         cache = init_cache(CFG.replace(dtype=dtype), B, 8, 5)
-        _, cache = dec.apply({"params": params}, ids, cache, encoded=jnp.asarray(encoded, dtype), method="decode")
+        decode = jax.jit(functools.partial(dec.apply, method="decode"))  # compiled (op by op: 40 s for this test)
+        _, cache = decode({"params": params}, ids, cache, encoded=jnp.asarray(encoded, dtype))
         return dec, params, cache
 
     def step(dtype):
@@ -223,8 +226,9 @@ def test_beams_of_an_image_share_its_cross_keys():
         shared = reorder_cache(cache, rows, cross=False)
         copied = reorder_cache(cache, rows)
         assert shared.cross_key_value[0][0].shape[0] == B and copied.cross_key_value[0][0].shape[0] == B * K
-        got, new = dec.apply({"params": params}, nxt, shared, method="decode")
-        want, _ = dec.apply({"params": params}, nxt, copied, method="decode")
+        decode = jax.jit(functools.partial(dec.apply, method="decode"))
+        got, new = decode({"params": params}, nxt, shared)
+        want, _ = decode({"params": params}, nxt, copied)
         assert new.cross_key_value[0][0].shape[0] == B and int(new.index) == 4
         return np.asarray(got), np.asarray(want)
 
