@@ -14,6 +14,7 @@ from mmjax.train import (
     train_and_evaluate,
 )
 from tests.test_train_models import tiny_config, write_tiny_fashion_mnist
+from tests.tracing import recorded_traces
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +156,12 @@ def test_the_train_step_is_traced_once_over_several_steps(mode):
     step = plan.compile_train_step(
         lambda s, b: (jax.tree.map(lambda v: v + b.sum(), s), {"sum": b.sum()}), {"w": jax.ShapeDtypeStruct((3,), "f4")}
     )
-    traces = []
-    listener = lambda name, _secs, **_: traces.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_traces() as traces:
         state = plan.from_canonical({"w": np.zeros(3, np.float32)})
         counts = []
         for _ in range(3):
             state, _ = step(state, plan.place_batch(np.ones((8, 2), np.float32)))
             counts.append(len(traces))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert counts[0] >= 1 and counts[1:] == [counts[0]] * 2, f"{mode}: traces after each step {counts}"
     per_step = 2.0 if mode == "pmap" else 16.0  # pmap: each device's batch sum (one row); else the global batch's
     np.testing.assert_array_equal(np.asarray(plan.to_canonical(state)["w"]), np.full(3, 3 * per_step))

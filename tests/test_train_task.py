@@ -11,6 +11,7 @@ import pytest
 from mmjax.train import TrainState, make_optimizer, make_plan, make_train_step
 from mmjax.train.config import prepare_config
 from tests.tolerances import assert_trees_float64_equal, float64, to_float64
+from tests.tracing import recorded_traces
 
 
 class ToyContrastiveTask:
@@ -143,16 +144,11 @@ def test_compiled_init_gives_the_eager_params_bit_for_bit_and_compiles_once():
     model, images, ids = CLIP(config), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 5), jnp.int32)
     rngs = {"params": jax.random.key(3), "dropout": jax.random.key(3)}
     eager = model.init(rngs, images, ids)["params"]
-    traces = []
-    listener = lambda name, _secs, **_: traces.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_traces() as traces:
         compiled = init_model_params(CLIP(config), rngs, images, ids)
         first = len(traces)
         again = init_model_params(CLIP(config), rngs, images, ids)  # an equal model: the cached executable
         assert len(traces) == first >= 1, traces
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     for (path, want), got, got2 in zip(
         jax.tree_util.tree_flatten_with_path(eager)[0], jax.tree.leaves(compiled), jax.tree.leaves(again)
     ):

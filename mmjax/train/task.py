@@ -111,9 +111,10 @@ directory (a local path or a URI, see :mod:`mmjax.train.storage`), for files tha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -179,9 +180,9 @@ def init_model_params(model, rngs, *args, **kwargs) -> Any:
     change the last bit of some parameters, and with them every number a training run reports; the program is
     compiled without that pass (``xla_disable_hlo_passes=algsimp``), so the parameters are those of the eager
     ``init``. Keyword arguments with a ``shape`` (arrays) are traced, the others (``train=False``) are static. Under a
-    transformation (``jax.eval_shape``, ``jax.jit``) it is ``model.init``, traced into the outer program. The
-    executable is cached per model, static arguments and input types: a second task or a resumed run in the same
-    process does not compile it again.
+    transformation (``jax.eval_shape``, ``jax.jit``) it is ``model.init``, traced into the outer program. The jitted function is
+    cached per model and static arguments (and jit caches its executable per input type): a second task or a
+    resumed run in the same process does not compile it again.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
     >>> model, x = nn.Dense(3, kernel_init=nn.initializers.normal(0.02)), jnp.ones((1, 2))
@@ -193,25 +194,21 @@ def init_model_params(model, rngs, *args, **kwargs) -> Any:
     """
     arrays = {k: v for k, v in kwargs.items() if hasattr(v, "shape")}
     static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
-    inputs = (rngs, args, arrays)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs)):  # inside jit / eval_shape: traced there
-        return model.init(rngs, *args, **kwargs)["params"]
-    key = (model, static, jax.tree.structure(inputs), tuple(jax.typeof(x) for x in jax.tree.leaves(inputs)))
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rngs, args, arrays))):
+        return model.init(rngs, *args, **kwargs)["params"]  # inside jit / eval_shape (compiler options are top-level)
     try:
-        program = _INIT_EXECUTABLES.get(key)
+        program = _init_program(model, static)
     except TypeError:  # an unhashable model or static argument: compiled, not cached
-        key = program = None
-    if program is None:
-        init = lambda rngs, args, arrays: model.init(rngs, *args, **arrays, **dict(static))["params"]  # noqa: E731
-        program = jax.jit(init).lower(*inputs).compile({"xla_disable_hlo_passes": "algsimp"})
-        if key is not None:
-            if len(_INIT_EXECUTABLES) >= 16:
-                _INIT_EXECUTABLES.pop(next(iter(_INIT_EXECUTABLES)))
-            _INIT_EXECUTABLES[key] = program
+        program = _init_program.__wrapped__(model, static)
     return program(rngs, args, arrays)
 
 
-_INIT_EXECUTABLES: dict = {}  # init_model_params' compiled programs, oldest first
+@functools.lru_cache(maxsize=16)
+def _init_program(model, static: tuple) -> Callable:
+    return jax.jit(
+        lambda rngs, args, arrays: model.init(rngs, *args, **arrays, **dict(static))["params"],
+        compiler_options={"xla_disable_hlo_passes": "algsimp"},
+    )
 
 
 def load_object(path: str, what: str = "object") -> Any:
