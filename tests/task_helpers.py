@@ -47,11 +47,13 @@ def saved_state(workdir: str) -> dict:
 def assert_modes_agree_after_one_step(new_task, gradient_terms: float, opt: dict = MODE_TEST_ADAM) -> None:
     """single / pmap (8 devices) / sharded: one optimizer step of ``new_task()`` from the same params.
 
-    The equality is proven in float64 (``in_float64``, to the tree's scale); in float32 each parameter is bounded by
-    Adam's response to gradient round-off: gradients clipped to global norm 1, their entries sums of about
-    ``gradient_terms`` terms of both signs through a few layers (``4 sqrt(gradient_terms)`` ulps). Adam's eps is
-    1e-2: with a tiny eps, parameters whose gradient is identically zero (e.g. attention key biases) would turn
-    round-off into steps of up to lr.
+    The equality of all three is proven in float64 (``in_float64``, to the tree's scale). In float32, sharded (the
+    mode of TPU and GPU jobs) is compared with single, each parameter bounded by Adam's response to gradient
+    round-off: gradients clipped to global norm 1, their entries sums of about ``gradient_terms`` terms of both signs
+    through a few layers (``4 sqrt(gradient_terms)`` ulps); pmap's float32 run is left out, as it would only bound
+    round-off again (each engine run compiles the task's whole train step). Adam's eps is 1e-2: with a tiny eps,
+    parameters whose gradient is identically zero (e.g. attention key biases) would turn round-off into steps of up
+    to lr.
     """
     with float64():
         reference64 = run(in_float64(new_task()), "single", steps=1, **opt)
@@ -61,7 +63,7 @@ def assert_modes_agree_after_one_step(new_task, gradient_terms: float, opt: dict
             assert_trees_float64_equal(got, reference64, scale="tree", err_msg=mode)
     reference = run(new_task(), "single", steps=1, **opt)
     dg = float32_atol(1.0, terms=4 * np.sqrt(gradient_terms))
-    for mode in ("pmap", "sharded"):
+    for mode in ("sharded",):
         got = run(new_task(), mode, steps=1, **opt)
         for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(got)):
             atol = adam_params_atol(

@@ -165,3 +165,20 @@ def test_the_train_step_is_traced_once_over_several_steps(mode):
     assert counts[0] >= 1 and counts[1:] == [counts[0]] * 2, f"{mode}: traces after each step {counts}"
     per_step = 2.0 if mode == "pmap" else 16.0  # pmap: each device's batch sum (one row); else the global batch's
     np.testing.assert_array_equal(np.asarray(plan.to_canonical(state)["w"]), np.full(3, 3 * per_step))
+
+
+def test_the_canonical_state_of_pmap_is_one_program_for_the_whole_tree():
+    """``to_canonical`` takes device 0's copy of every leaf as one compiled program (checkpoints and evaluations
+    call it; ``x[0]`` leaf by leaf compiled one program per leaf shape), with the leaves' values, dtypes and the
+    replicated layout of ``x[0]``."""
+    plan = make_plan("pmap")
+    state = {f"w{n}": np.arange(n * 3, dtype=np.float32).reshape(n, 3) for n in range(1, 7)}
+    state["count"] = np.int32(5)
+    placed = plan.from_canonical(state)
+    with recorded_traces() as traces:
+        canonical = plan.to_canonical(placed)
+    assert len(traces) == 1, f"{len(traces)} traces for one tree of {len(state)} leaves"
+    for name, want in state.items():
+        got = canonical[name]
+        assert got.dtype == want.dtype and got.sharding.is_fully_replicated, name
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)

@@ -66,6 +66,13 @@ def split_micro_batches(batch: Any, accum: int, groups: int = 1) -> Any:
     return jax.tree.map(split, batch)
 
 
+@jax.jit
+def _first_copies(stacked: Any) -> Any:
+    """``x[0]`` of every leaf of a pmap-replicated tree, as one compiled program per tree structure and types (a
+    separate ``x[0]`` per leaf compiles one program per leaf shape)."""
+    return jax.tree.map(lambda x: x[0], stacked)
+
+
 @dataclasses.dataclass
 class Plan:
     """How the state and batches are laid out on devices for one parallel ``mode``.
@@ -161,7 +168,7 @@ class Plan:
         """The canonical state back from this mode's layout (pmap: the first local device's copy; with several
         processes, replicated over all the plan's devices, see :meth:`state_shardings`)."""
         if self.mode == "pmap":
-            first = jax.tree.map(lambda x: x[0], placed)
+            first = _first_copies(placed)
             if jax.process_count() > 1:
                 replicated = NamedSharding(self.mesh, P())
                 first = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), first)
