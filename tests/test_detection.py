@@ -77,11 +77,12 @@ def test_a_trained_clip_drops_in_and_the_heads_follow_owl_vit(model_and_params):
 
 def test_per_image_queries_and_query_masks(model_and_params):
     model, params, images, ids = model_and_params
+    apply = jax.jit(model.apply, static_argnames="method")  # each call one compiled program (float64: 1e-12 holds)
     with float64():
-        shared = model.apply({"params": params}, images, ids)
-        per_image = model.apply({"params": params}, images, np.stack([ids, ids[::-1]]))
-        q = model.apply({"params": params}, ids, method="embed_queries")
-        masked = model.apply({"params": params}, images, query_embeds=q, query_mask=np.array([True, False, True]))
+        shared = apply({"params": params}, images, ids)
+        per_image = apply({"params": params}, images, np.stack([ids, ids[::-1]]))
+        q = apply({"params": params}, ids, method="embed_queries")
+        masked = apply({"params": params}, images, query_embeds=q, query_mask=np.array([True, False, True]))
     np.testing.assert_allclose(per_image.logits[0], shared.logits[0], rtol=1e-12)
     np.testing.assert_allclose(per_image.logits[1], shared.logits[1][:, ::-1], rtol=1e-12)
     np.testing.assert_allclose(masked.logits[..., [0, 2]], shared.logits[..., [0, 2]], rtol=1e-12)
@@ -175,15 +176,20 @@ def test_the_matching_cost_prefers_the_right_box_and_class():
 
 def test_bad_shapes_are_refused_with_the_shape(model_and_params):
     model, params, images, ids = model_and_params
+
+    def apply(*args, **kwargs):  # traced only (the checks are on shapes and dtypes): nothing is computed
+        with float64():  # the fixture's model is a float64 model
+            return jax.eval_shape(lambda: model.apply({"params": params}, *args, **kwargs))
+
     with pytest.raises(ValueError, match="images must be NHWC"):
-        model.apply({"params": params}, images[:, :8], ids)
+        apply(images[:, :8], ids)
     with pytest.raises(ValueError, match="exactly one of query_ids"):
-        model.apply({"params": params}, images)
+        apply(images)
     with pytest.raises(ValueError, match=r"query_mask must have shape \(3,\)"):
-        model.apply({"params": params}, images, ids, query_mask=np.ones(4, bool))
+        apply(images, ids, query_mask=np.ones(4, bool))
     with pytest.raises(ValueError, match="query ids must be int"):
-        model.apply({"params": params}, images, np.ones(5, np.int32))
+        apply(images, np.ones(5, np.int32))
     args = list(_random_problem(2))
     args[3] = args[3][:, :2]
     with pytest.raises(ValueError, match=r"target_boxes must have shape \(3, 4, 4\)"):
-        detection_loss(*args)
+        jax.eval_shape(detection_loss, *args)

@@ -17,6 +17,7 @@ from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
 from mmjax.train.captioning import CaptioningTask
 from tests.task_helpers import SIGTERM_ENV, SigtermAtStep, assert_modes_agree_after_one_step, saved_state
+from tests.tolerances import assert_float64_equal, float64, to_float64
 
 
 def _config(**overrides) -> dict:
@@ -57,17 +58,27 @@ class SigtermCaptioningTask(SigtermAtStep, CaptioningTask):
 
 
 def test_the_loss_is_the_token_cross_entropy_over_non_pad_targets():
+    """The task's loss and the cross-entropy recomputed from the model's logits are two compiled programs: their
+    equality is proven in float64."""
     task = make_task(prepare_config(_config()))
-    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
-    params = task.init_params(jax.random.key(0), batch)
-    loss, metrics = task.loss(params, batch, jax.random.key(1), train=False)
-    ids = batch["ids"]
-    logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), ids[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    host_batch = next(task.train_batches(0))
+    params = task.init_params(jax.random.key(0), host_batch)
+    ids = host_batch["ids"]
     weights = ids[:, 1:] != task.tokenizer.pad_id
     assert weights.sum() < weights.size  # padding exists and is excluded; the end-of-text token counts
-    assert np.all(np.asarray(weights.sum(1)) == np.asarray((ids != 0).sum(1) - 1))
-    np.testing.assert_allclose(float(loss), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-6)
+    assert np.all(weights.sum(1) == (ids != 0).sum(1) - 1)
+
+    def recomputed(params, batch):
+        ids = batch["ids"]
+        logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), ids[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+        return jnp.sum(ce * weights) / jnp.sum(weights)
+
+    with float64():
+        params, batch = to_float64(params), to_float64(jax.tree.map(jnp.asarray, host_batch))
+        loss, metrics = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1), train=False))(params, batch)
+        assert loss.dtype == np.float64
+        assert_float64_equal(loss, jax.jit(recomputed)(params, batch))
     assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
 
 

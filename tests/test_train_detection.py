@@ -19,6 +19,7 @@ from mmjax.keypath import set_path
 from mmjax.train import make_task, prepare_config, train_and_evaluate
 from mmjax.train.detection import VOCABULARY, DetectionTask
 from tests.task_helpers import SIGTERM_ENV, SigtermAtStep, assert_modes_agree_after_one_step, saved_state
+from tests.tolerances import assert_float64_equal, float64, to_float64
 
 MODEL = {
     "embed_dim": 8,
@@ -98,15 +99,24 @@ def test_queries_are_the_images_phrases_then_training_negatives(task):
 
 
 def test_the_loss_is_detection_loss_of_the_model_outputs(task):
-    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
-    params = task.init_params(jax.random.key(0), batch)
-    loss, metrics = task.loss(params, batch, jax.random.key(1), train=False)
-    q = task.model.apply({"params": params}, task.vocab_ids[np.asarray(batch["query"])], method="embed_queries")
-    out = task.model.apply({"params": params}, task._images(batch["image"]), query_embeds=q)
-    targets = task._targets(batch["item"], batch["colour"], batch["valid"], batch["query"])
-    want, aux = detection_loss(out.logits, out.boxes, targets, batch["boxes"], batch["valid"], batch["query_mask"])
-    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["giou_loss"]), float(aux["giou_loss"].mean()), rtol=1e-6)
+    """The task's loss and the loss recomputed from the model's outputs are two compiled programs: their equality is
+    proven in float64."""
+    host_batch = next(task.train_batches(0))
+    params = task.init_params(jax.random.key(0), host_batch)
+
+    def recomputed(params, batch):
+        q = task.model.apply({"params": params}, jnp.asarray(task.vocab_ids)[batch["query"]], method="embed_queries")
+        out = task.model.apply({"params": params}, task._images(batch["image"]), query_embeds=q)
+        targets = task._targets(batch["item"], batch["colour"], batch["valid"], batch["query"])
+        return detection_loss(out.logits, out.boxes, targets, batch["boxes"], batch["valid"], batch["query_mask"])
+
+    with float64():
+        params, batch = to_float64(params), to_float64(jax.tree.map(jnp.asarray, host_batch))
+        loss, metrics = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1), train=False))(params, batch)
+        want, aux = jax.jit(recomputed)(params, batch)
+        assert loss.dtype == np.float64
+        assert_float64_equal(loss, want)
+        assert_float64_equal(metrics["giou_loss"], aux["giou_loss"].mean())
 
 
 def test_parallel_modes_agree_in_float64_and_float32():

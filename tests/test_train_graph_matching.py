@@ -93,18 +93,18 @@ def test_batches_hold_the_true_caption_then_one_negative_of_each_drawn_kind(task
 def test_fusion_loss_is_bce_of_the_scores_plus_the_contrastive_term(task):
     batch = next(task.train_batches(0))
     params = task.init_params(jax.random.key(0), batch)
-    s = np.asarray(task.scores(params, batch["image"], batch["ids"]), np.float64)
+    s = np.asarray(jax.jit(task.scores)(params, batch["image"], batch["ids"]), np.float64)
     labels = np.zeros_like(s)
     labels[:, 0] = 1
     bce = np.mean(np.maximum(s, 0) - s * labels + np.log1p(np.exp(-np.abs(s))))
     task.opts.itc_weight = 0.0
-    try:
-        loss, metrics = task.loss(params, batch, jax.random.key(1))
+    try:  # compiled (one program, not op by op); the weight is read when the loss is traced
+        loss, metrics = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1)))(params, batch)
     finally:
         task.opts.itc_weight = 1.0
     assert_float32_close(loss, bce, terms=s.size)
     assert float(metrics["pair_accuracy"]) == pytest.approx(np.mean(s[:, :1] > s[:, 1:]))
-    with_itc, _ = task.loss(params, batch, jax.random.key(1))
+    with_itc, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1)))(params, batch)
     assert float(with_itc) > float(loss)
 
 
