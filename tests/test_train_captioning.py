@@ -86,18 +86,27 @@ def test_cappa_rows_read_only_mask_tokens_and_see_every_position():
     task = make_task(prepare_config(_config(**{"captioning.masked_pred_prob": 1.0})))
     cfg = task.model.decoder
     assert cfg.mask_id == task.tokenizer.vocab_size and cfg.vocab_size == task.tokenizer.vocab_size + 1
-    batch = jax.tree.map(jnp.asarray, next(task.train_batches(0)))
-    params = task.init_params(jax.random.key(0), batch)
-    loss, metrics = task.loss(params, batch, jax.random.key(1), train=True)
-    assert float(metrics["parallel_fraction"]) == 1.0
-    inputs = jnp.full_like(batch["ids"][:, :-1], cfg.mask_id)
-    parallel = jnp.ones((inputs.shape[0],), bool)
-    logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), inputs, parallel=parallel)
-    targets = batch["ids"][:, 1:]
-    weights = (targets != cfg.pad_id).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    np.testing.assert_allclose(float(loss), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-6)
-    no_cappa, _ = task.loss(params, batch, jax.random.key(1), train=False)  # evaluation is always autoregressive
+    host_batch = next(task.train_batches(0))
+    params = task.init_params(jax.random.key(0), host_batch)
+
+    def recomputed(params, batch):  # every row: all-[MASK] inputs, no causal mask
+        inputs = jnp.full_like(batch["ids"][:, :-1], cfg.mask_id)
+        parallel = jnp.ones((inputs.shape[0],), bool)
+        logits, _ = task.model.apply({"params": params}, task._images(batch["image"]), inputs, parallel=parallel)
+        targets = batch["ids"][:, 1:]
+        weights = (targets != cfg.pad_id).astype(logits.dtype)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.sum(ce * weights) / jnp.sum(weights)
+
+    def task_loss(train):
+        return jax.jit(lambda p, b: task.loss(p, b, jax.random.key(1), train=train))
+
+    with float64():  # two compiled programs: their equality proven in float64
+        params, batch = to_float64(params), to_float64(jax.tree.map(jnp.asarray, host_batch))
+        loss, metrics = task_loss(True)(params, batch)
+        assert float(metrics["parallel_fraction"]) == 1.0 and loss.dtype == np.float64
+        assert_float64_equal(loss, jax.jit(recomputed)(params, batch))
+        no_cappa, _ = task_loss(False)(params, batch)  # evaluation is always autoregressive
     assert abs(float(no_cappa) - float(loss)) > 1e-4
 
 
