@@ -179,12 +179,12 @@ def test_degenerate_boxes_have_finite_values_and_gradients(dtype):
     a = np.array([c[0] for c in DEGENERATE], dtype)
     b = np.array([c[1] for c in DEGENERATE], dtype)
     with float64():
-        np.testing.assert_allclose(boxes.iou(a, b), [c[2] for c in DEGENERATE], atol=1e-7)
-        np.testing.assert_allclose(boxes.giou(a, b), [c[3] for c in DEGENERATE], atol=1e-7)
+        np.testing.assert_allclose(jax.jit(boxes.iou)(a, b), [c[2] for c in DEGENERATE], atol=1e-7)
+        np.testing.assert_allclose(jax.jit(boxes.giou)(a, b), [c[3] for c in DEGENERATE], atol=1e-7)
         for fn in (boxes.iou, boxes.giou, boxes.pairwise_iou, boxes.pairwise_giou):
-            value = fn(a, b)
+            value = jax.jit(fn)(a, b)  # compiled: one program, not op by op
             assert np.isfinite(np.asarray(value)).all(), fn.__name__
-            grads = jax.grad(lambda x, y: jnp.sum(1 - fn(x, y)), argnums=(0, 1))(a, b)
+            grads = jax.jit(jax.grad(lambda x, y: jnp.sum(1 - fn(x, y)), argnums=(0, 1)))(a, b)
             for g in grads:
                 assert g.dtype == dtype and np.isfinite(np.asarray(g)).all(), fn.__name__
 
@@ -206,8 +206,9 @@ def test_iou_giou_gradients_match_finite_differences():
     rng = np.random.default_rng(5)
     a, b = random_xyxy(rng, (6,), 0.1), random_xyxy(rng, (6,), 0.1)
     with float64():
-        check_grads(lambda x, y: boxes.giou(x, y), (a, b), order=1, modes=("rev",), eps=1e-6)
-        check_grads(lambda x, y: boxes.pairwise_iou(x, y), (a, b), order=1, modes=("rev",), eps=1e-6)
+        # compiled: the function and its VJP each run as one program, not op by op
+        check_grads(jax.jit(boxes.giou), (a, b), order=1, modes=("rev",), eps=1e-6)
+        check_grads(jax.jit(boxes.pairwise_iou), (a, b), order=1, modes=("rev",), eps=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- errors

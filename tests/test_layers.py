@@ -216,10 +216,11 @@ def test_encoder_drop_path_rates_and_training_randomness():
     for scan in (False, True):
         # depth 1: the only block has rate 0.5 on each of its two residual branches
         enc = _encoder(depth=1, num_heads=2, mlp_dim=8, drop_path_rate=0.5, scan=scan, final_norm=False)
-        params = enc.init(jax.random.key(0), x)["params"]
-        det = enc.apply({"params": params}, x)[0]
-        tr1 = enc.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})[0]
-        tr2 = enc.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})[0]
+        # compiled: one program each, not op by op
+        params = jax.jit(enc.init)(jax.random.key(0), x)["params"]
+        det = jax.jit(lambda p: enc.apply({"params": p}, x)[0])(params)
+        train = jax.jit(lambda p, key: enc.apply({"params": p}, x, deterministic=False, rngs={"dropout": key})[0])
+        tr1, tr2 = train(params, jax.random.key(1)), train(params, jax.random.key(2))
         assert not np.allclose(tr1, tr2) and not np.allclose(tr1, det)
         # examples whose two branches were both dropped pass through unchanged (probability 1/4 each)
         identity = np.all(np.isclose(tr1, x, atol=1e-6), axis=(1, 2))

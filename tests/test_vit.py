@@ -85,29 +85,48 @@ def test_shapes_and_intermediates():
 
 
 def test_pooling_types():
+    # compiled, not op by op: one program for the two inits, one per model's forward pass; each forward program
+    # also computes the other side of the equalities checked below, from the same values in the same program
     x = _images()
     gap = ViT(num_classes=0, pool_type="gap", **TINY)
-    params = gap.init(jax.random.key(0), x)["params"]
-    pooled, aux = gap.apply({"params": params}, x)
-    np.testing.assert_allclose(pooled, aux["encoded"][:, 1:].mean(1), atol=1e-6)  # class token excluded
     no_cls = ViT(num_classes=3, pool_type="gap", class_token=False, **TINY)
-    p2 = no_cls.init(jax.random.key(0), x)["params"]
+    params, p2 = jax.jit(lambda key: (gap.init(key, x)["params"], no_cls.init(key, x)["params"]))(jax.random.key(0))
+
+    @jax.jit
+    def gap_outputs(p):
+        pooled, aux = gap.apply({"params": p}, x)
+        return pooled, aux["encoded"][:, 1:].mean(1)
+
+    pooled, mean_of_patches = gap_outputs(params)
+    np.testing.assert_allclose(pooled, mean_of_patches, atol=1e-6)  # class token excluded
     assert "cls" not in p2 and p2["pos_embedding"].shape == (1, 4, 16)
-    _, aux2 = no_cls.apply({"params": p2}, x)
-    np.testing.assert_allclose(aux2["pooled"], aux2["encoded"].mean(1), atol=1e-6)
+
+    @jax.jit
+    def no_cls_outputs(p):
+        aux2 = no_cls.apply({"params": p}, x)[1]
+        return aux2["pooled"], aux2["encoded"].mean(1)
+
+    pooled2, mean_of_tokens = no_cls_outputs(p2)
+    np.testing.assert_allclose(pooled2, mean_of_tokens, atol=1e-6)
     mapm = ViT(num_classes=3, pool_type="map", **TINY)
-    p3 = _randomize(mapm.init(jax.random.key(0), x)["params"])
+    p3 = _randomize(jax.eval_shape(mapm.init, jax.random.key(0), x)["params"])  # _randomize reads shapes and dtypes
     assert set(p3["map_head"]) == {"probe", "attn", "ln", "mlp"}
-    logits, aux3 = mapm.apply({"params": p3}, x)
-    assert logits.shape == (2, 3) and aux3["pooled"].shape == (2, 16)
     # the MAP probe attends over all tokens: permuting tokens of the encoder output leaves it unchanged
     from mmjax.vit import MAPHead
 
     head = MAPHead(mapm.get_encoder_config())  # the tower's config, passed whole
-    enc = aux3["encoded"]
-    pooled_map = head.apply({"params": p3["map_head"]}, enc)
-    np.testing.assert_allclose(pooled_map, aux3["pooled"], atol=1e-6)
-    np.testing.assert_allclose(head.apply({"params": p3["map_head"]}, enc[:, ::-1]), pooled_map, atol=1e-5)
+
+    @jax.jit
+    def map_outputs(p):
+        logits, aux3 = mapm.apply({"params": p}, x)
+        enc = aux3["encoded"]
+        pooled_map = head.apply({"params": p["map_head"]}, enc)
+        return logits, aux3["pooled"], pooled_map, head.apply({"params": p["map_head"]}, enc[:, ::-1])
+
+    logits, pooled3, pooled_map, pooled_reversed = map_outputs(p3)
+    assert logits.shape == (2, 3) and pooled3.shape == (2, 16)
+    np.testing.assert_allclose(pooled_map, pooled3, atol=1e-6)
+    np.testing.assert_allclose(pooled_reversed, pooled_map, atol=1e-5)
 
 
 def test_num_classes_zero_and_representation_layer():
@@ -255,17 +274,24 @@ def test_matmul_stem_equals_conv_stem(size):
     kw = dict(num_classes=5, stem_features=(4, 8), **{**TINY, "variant": "mu/1"})
     conv, matmul = ViT(**kw), ViT(**kw, stem_impl="matmul")
     x = _images(size=size)
-    params = conv.init(jax.random.key(0), x)["params"]
-    same_init = matmul.init(jax.random.key(0), x)["params"]
+    # compiled: one program for both inits, not op by op; the two parameter trees are the same computation on the
+    # same key in that program, so they stay bit-identical
+    params, same_init = jax.jit(lambda key: (conv.init(key, x)["params"], matmul.init(key, x)["params"]))(
+        jax.random.key(0)
+    )
     jax.tree.map(np.testing.assert_array_equal, params, same_init)
     params = {**params, "head": {"kernel": jnp.ones_like(params["head"]["kernel"]), "bias": params["head"]["bias"]}}
-    np.testing.assert_allclose(
-        matmul.apply({"params": params}, x)[0], conv.apply({"params": params}, x)[0], rtol=1e-5, atol=1e-5
-    )
-    weights = jax.random.normal(jax.random.key(2), conv.apply({"params": params}, x)[1]["patch_tokens"].shape)
+
+    def apply(model):  # compiled: one program, not op by op
+        return jax.jit(lambda p: model.apply({"params": p}, x))
+
+    conv_out = apply(conv)(params)
+    np.testing.assert_allclose(apply(matmul)(params)[0], conv_out[0], rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(2), conv_out[1]["patch_tokens"].shape)
 
     def grad(model):  # a well-conditioned loss on the tokens the stem feeds: O(1) gradients for stem + embedding
-        return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)[1]["patch_tokens"] * weights))(params)
+        # compiled: one program, not op by op
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)[1]["patch_tokens"] * weights)))(params)
 
     g_matmul, g_conv = grad(matmul), grad(conv)
     for name in ("stem_conv_0", "stem_conv_1", "embedding"):
