@@ -180,9 +180,9 @@ def init_model_params(model, rngs, *args, **kwargs) -> Any:
     change the last bit of some parameters, and with them every number a training run reports; the program is
     compiled without that pass (``xla_disable_hlo_passes=algsimp``), so the parameters are those of the eager
     ``init``. Keyword arguments with a ``shape`` (arrays) are traced, the others (``train=False``) are static. Under a
-    transformation (``jax.eval_shape``, ``jax.jit``) it is ``model.init``, traced into the outer program. The jitted function is
-    cached per model and static arguments (and jit caches its executable per input type): a second task or a
-    resumed run in the same process does not compile it again.
+    transformation (``jax.eval_shape``, ``jax.jit``) it is ``model.init``, traced into the outer program. The jitted
+    function is cached per model and static arguments (and jit caches its executable per input type): a second task
+    or a resumed run in the same process does not compile it again.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
     >>> model, x = nn.Dense(3, kernel_init=nn.initializers.normal(0.02)), jnp.ones((1, 2))
